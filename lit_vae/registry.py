@@ -66,6 +66,13 @@ class Registry(Generic[T]):
         """Registered names, sorted."""
         return sorted(self._entries)
 
+    def name_of(self, entry: object) -> str | None:
+        """The name ``entry`` (or the class of an instance) is registered under, if any."""
+        for name, registered in self._entries.items():
+            if registered is entry or registered is type(entry):
+                return name
+        return None
+
     def build(self, name: str, **kwargs: Any) -> Any:
         """Construct the entry registered as ``name`` with ``kwargs``."""
         factory: Any = self.get(name)

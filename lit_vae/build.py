@@ -1,0 +1,88 @@
+"""Configs → objects. The only place that reads a Hydra config; everything else takes plain values."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from lit_vae.data import DATAMODULES
+from lit_vae.module import LitVAE
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_model", "build_trainer"]
+
+
+def _container(config: Any) -> Any:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+def build_datamodule(config: DictConfig | Mapping[str, Any]) -> pl.LightningDataModule:
+    """``cfg.data`` (``name:`` or ``_target_:`` plus options) → a LightningDataModule.
+
+    The config is stored as the datamodule's hyperparameters, so every checkpoint records the
+    data it was trained on and ``lit-vae-eval`` can rebuild it.
+    """
+    plain = _container(config)
+    datamodule: pl.LightningDataModule = DATAMODULES.from_config(plain, "data")
+    datamodule.save_hyperparameters(plain)
+    return datamodule
+
+
+def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
+    """The whole training config → :class:`LitVAE` for data of shape ``data_shape``."""
+    return LitVAE(
+        data_shape=data_shape,
+        latent_dim=cfg.latent_dim,
+        encoder=_container(cfg.model.encoder),
+        decoder=_container(cfg.model.decoder),
+        posterior=_container(cfg.posterior),
+        prior=_container(cfg.prior),
+        likelihood=_container(cfg.likelihood),
+        regularizer=_container(cfg.regularizer),
+        optimizer=_container(cfg.optimizer),
+        scheduler=_container(cfg.get("scheduler")),
+        eval_num_samples=cfg.eval.num_samples,
+        eval_chunk_size=cfg.eval.get("chunk_size"),
+    )
+
+
+def _instantiate_each(group: DictConfig | None, kind: str) -> list[Any]:
+    objects: list[Any] = []
+    if not group:
+        return objects
+    for key, entry in group.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ValueError(f"{kind}.{key} needs a _target_ (got {entry!r})")
+        log.debug("instantiating %s.%s <%s>", kind, key, entry._target_)
+        objects.append(hydra.utils.instantiate(entry))
+    return objects
+
+
+def build_callbacks(config: DictConfig | None) -> list[pl.Callback]:
+    """``cfg.callbacks``: a mapping of name → ``{_target_: ..., ...}``; ``null`` entries skipped."""
+    return _instantiate_each(config, "callbacks")
+
+
+def build_loggers(config: DictConfig | None) -> list[Any]:
+    """``cfg.logger``: a mapping of name → ``{_target_: ..., ...}``; ``null`` entries skipped."""
+    return _instantiate_each(config, "logger")
+
+
+def build_trainer(
+    config: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]
+) -> pl.Trainer:
+    """``cfg.trainer`` (``_target_: pytorch_lightning.Trainer`` plus options) → a Trainer."""
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        config, callbacks=callbacks, logger=loggers or False
+    )
+    return trainer

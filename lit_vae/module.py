@@ -1,0 +1,303 @@
+"""``LitVAE``: a LightningModule wiring encoder, posterior head, prior, decoder, likelihood and
+KL regularizer, each built by name from a plain config mapping.
+
+One convention for every number it reports, per sample ``x``::
+
+    recon = −log p(x|z)           summed over data dims        (batch,)
+    kl    = KL(q(z|x) ‖ p(z))     summed over latent dims      (batch,)
+    loss  = mean_batch(recon + penalty)    penalty = β·kl, free bits, capacity, ...
+    elbo  = −mean_batch(recon + kl)        always the true ELBO, in nats per sample
+
+Validation and test metrics are means over samples, exact across batches and DDP ranks
+(:class:`~lit_vae.metrics.PerSampleMean`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.distributions import Distribution
+
+from lit_vae.kl import kl_per_dim
+from lit_vae.likelihoods import LIKELIHOODS
+from lit_vae.metrics import PerSampleMean
+from lit_vae.nets import DECODERS, ENCODERS
+from lit_vae.optim import build_optimizer, build_scheduler
+from lit_vae.posteriors import POSTERIORS, PosteriorHead
+from lit_vae.priors import PRIORS, Prior, VampPrior
+from lit_vae.regularizers import REGULARIZERS, Regularizer
+
+__all__ = ["LitVAE"]
+
+EVAL_TERMS = ("loss", "recon", "kl", "elbo")
+
+
+def _plain(config: Any) -> Any:
+    """A plain-container copy of a config (DictConfig, tuples, ...) for hyperparameters."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(config, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(config, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if isinstance(config, Mapping):
+        return {str(k): _plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [_plain(v) for v in config]
+    return config
+
+
+def _check_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+class LitVAE(pl.LightningModule):
+    """A variational autoencoder whose every part is chosen by name.
+
+    Args:
+        data_shape: shape of one sample, e.g. ``(1, 28, 28)``.
+        latent_dim: ``d``, latent dimensions (≥ 1).
+        encoder: ``{"name": "mlp", ...}`` from ``ENCODERS`` (or ``_target_``).
+        decoder: ``{"name": "mlp", ...}`` from ``DECODERS``.
+        posterior: ``{"name": "log_var", ...}`` from ``POSTERIORS``.
+        prior: ``{"name": "standard_normal", ...}`` from ``PRIORS``.
+        likelihood: ``{"name": "bernoulli", ...}`` from ``LIKELIHOODS``.
+        regularizer: ``{"name": "kl", "beta": 1.0}`` from ``REGULARIZERS``.
+        optimizer: ``{"name": "adam", "lr": 1e-3, ...}``.
+        scheduler: ``None`` or ``{"name": ..., "interval": "epoch", ...}``.
+        eval_num_samples: importance samples ``k`` for ``test/nll`` (≥ 1).
+        eval_chunk_size: samples per chunk in :meth:`log_likelihood`; ``None`` picks one.
+        active_unit_threshold: a unit is active when ``Cov_x(E_q[z_u]) >`` this.
+        init_output_bias: set the decoder's output bias from the training mean at fit start
+            (logit of the mean pixel for Bernoulli, as in Burda et al. 2016).
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        latent_dim: int = 2,
+        encoder: Mapping[str, Any] | None = None,
+        decoder: Mapping[str, Any] | None = None,
+        posterior: Mapping[str, Any] | None = None,
+        prior: Mapping[str, Any] | None = None,
+        likelihood: Mapping[str, Any] | None = None,
+        regularizer: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        eval_num_samples: int = 1000,
+        eval_chunk_size: int | None = None,
+        active_unit_threshold: float = 0.01,
+        init_output_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        hparams = _plain(
+            {
+                "data_shape": list(data_shape),
+                "latent_dim": latent_dim,
+                "encoder": encoder or {"name": "mlp"},
+                "decoder": decoder or {"name": "mlp"},
+                "posterior": posterior or {"name": "log_var"},
+                "prior": prior or {"name": "standard_normal"},
+                "likelihood": likelihood or {"name": "bernoulli"},
+                "regularizer": regularizer or {"name": "kl"},
+                "optimizer": optimizer or {"name": "adam", "lr": 1e-3},
+                "scheduler": scheduler,
+                "eval_num_samples": eval_num_samples,
+                "eval_chunk_size": eval_chunk_size,
+                "active_unit_threshold": active_unit_threshold,
+                "init_output_bias": init_output_bias,
+            }
+        )
+        self.save_hyperparameters(hparams)
+        self.data_shape = tuple(int(s) for s in hparams["data_shape"])
+        self.latent_dim = _check_int("latent_dim", latent_dim, 1)
+        _check_int("eval.num_samples", eval_num_samples, 1)
+        if eval_chunk_size is not None:
+            _check_int("eval.chunk_size", eval_chunk_size, 1)
+
+        self.posterior: PosteriorHead = POSTERIORS.from_config(
+            hparams["posterior"], "posterior", latent_dim=latent_dim
+        )
+        self.encoder: torch.nn.Module = ENCODERS.from_config(
+            hparams["encoder"],
+            "model.encoder",
+            input_shape=self.data_shape,
+            output_dim=self.posterior.num_params,
+        )
+        self.decoder: torch.nn.Module = DECODERS.from_config(
+            hparams["decoder"], "model.decoder", latent_dim=latent_dim, output_shape=self.data_shape
+        )
+        self.likelihood: torch.nn.Module = LIKELIHOODS.from_config(
+            hparams["likelihood"], "likelihood", data_shape=self.data_shape
+        )
+        prior_config = dict(hparams["prior"])
+        prior_class = PRIORS.get(prior_config["name"]) if "name" in prior_config else None
+        if prior_class is not None and issubclass(prior_class, VampPrior):
+            prior_config.setdefault("input_shape", list(self.data_shape))
+        self.prior: Prior = PRIORS.from_config(prior_config, "prior", latent_dim=latent_dim)
+        if isinstance(self.prior, VampPrior):
+            self.prior.bind(self.encode)
+        self.regularizer: Regularizer = REGULARIZERS.from_config(
+            hparams["regularizer"], "regularizer"
+        )
+
+        width = len(EVAL_TERMS)
+        self.val_metrics = PerSampleMean(width + latent_dim)
+        self.test_metrics = PerSampleMean(width + 1 + latent_dim)
+
+    # ------------------------------------------------------------------ model API
+
+    def encode(self, x: Tensor) -> Distribution:
+        """``x (batch, *data_shape)`` → ``q(z|x)``, batch ``(batch,)``, event ``(latent,)``."""
+        return self.posterior(self.encoder(x))
+
+    def decode(self, z: Tensor) -> Distribution:
+        """``z (*, latent)`` → ``p(x|z)`` with event shape ``data_shape``."""
+        return self.likelihood(self.decoder(z))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reconstruction of ``x``: the mean of ``p(x | z = E_q[z])``, ``(batch, *data_shape)``."""
+        return self.reconstruct(x)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean of ``p(x | z = E_q[z])``, ``(batch, *data_shape)``."""
+        return self.likelihood.mean(self.decoder(self.encode(x).mean))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True) -> Tensor:
+        """``num_samples`` draws ``z ~ p(z)`` decoded: ``(num_samples, *data_shape)``.
+
+        Args:
+            mean: return the mean of ``p(x|z)`` (what image grids show) instead of a sample.
+        """
+        z = self.prior().sample((num_samples,))
+        params = self.decoder(z)
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
+
+    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Distribution, Distribution]:
+        """One reparameterized pass: ``(recon, penalty, kl, q, p)``, the first three ``(batch,)``."""
+        q = self.encode(x)
+        z = q.rsample()
+        p = self.prior()
+        recon = self.likelihood.nll(self.decoder(z), x)
+        penalty = self.regularizer(q, p, z.unsqueeze(0), self.global_step)
+        self._regularizer_logs = penalty.logs
+        return recon, penalty.penalty, penalty.kl, q, p
+
+    @torch.no_grad()
+    def log_likelihood(
+        self, x: Tensor, num_samples: int = 1000, chunk_size: int | None = None
+    ) -> Tensor:
+        """Importance-weighted estimate of ``log p(x)``, ``(batch,)``, in nats.
+
+        ``log (1/k) Σ_i p(x, z_i) / q(z_i|x)`` with ``z_i ~ q(z|x)`` — the IWAE bound of
+        Burda et al. (2016), a lower bound that tightens as ``k`` grows. Samples are drawn
+        ``chunk_size`` at a time and combined with a running log-sum-exp, so memory stays
+        ``O(chunk_size · batch · data)`` for any ``k``.
+        """
+        _check_int("num_samples", num_samples, 1)
+        q = self.encode(x)
+        p = self.prior()
+        if chunk_size is None:
+            per_sample = x[0].numel() + 4 * self.latent_dim
+            chunk_size = max(1, min(num_samples, 2**23 // max(1, x.shape[0] * per_sample)))
+        total = torch.full(x.shape[:1], -math.inf, dtype=torch.float32, device=x.device)
+        for start in range(0, num_samples, chunk_size):
+            z = q.sample((min(chunk_size, num_samples - start),))
+            log_weight = (
+                -self.likelihood.nll(self.decoder(z), x).float()
+                + p.log_prob(z).float()
+                - q.log_prob(z).float()
+            )
+            total = torch.logaddexp(total, torch.logsumexp(log_weight, dim=0))
+        return total - math.log(num_samples)
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.hparams["init_output_bias"]:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        train_mean = getattr(datamodule, "train_mean", None)
+        output_bias_for = getattr(self.likelihood, "output_bias_for", None)
+        init = getattr(self.decoder, "init_output_bias", None)
+        if callable(train_mean) and callable(output_bias_for) and callable(init):
+            bias = output_bias_for(train_mean())
+            if bias is not None:
+                init(bias)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x = batch[0]
+        recon, penalty, kl, _, _ = self.elbo_terms(x)
+        loss = (recon + penalty).mean()
+        values = torch.stack([loss, recon.mean(), kl.mean(), -(recon + kl).mean()]).detach()
+        self.log_dict(
+            {f"train/{name}": value for name, value in zip(EVAL_TERMS, values)},
+            on_step=True,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=x.shape[0],
+        )
+        for name, value in self._regularizer_logs.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def _eval_values(self, x: Tensor) -> tuple[Tensor, Distribution, Distribution]:
+        recon, penalty, kl, q, p = self.elbo_terms(x)
+        per_sample = torch.stack([recon + penalty, recon, kl, -(recon + kl)], dim=-1)
+        return per_sample, q, p
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        per_sample, q, p = self._eval_values(batch[0])
+        per_dim = self._kl_per_dim(q, p, per_sample.shape[0])
+        self.val_metrics.update(torch.cat([per_sample, per_dim], dim=-1))
+
+    def on_validation_epoch_end(self) -> None:
+        mean, _ = self.val_metrics.compute()
+        self.val_metrics.reset()
+        logs = {f"val/{name}": mean[i] for i, name in enumerate(EVAL_TERMS)}
+        if self.posterior.factorized and self.prior.factorized:
+            offset = len(EVAL_TERMS)
+            logs.update({f"kl_dim/{j}": mean[offset + j] for j in range(self.latent_dim)})
+        self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
+        self.log("val/elbo", logs["val/elbo"].float(), prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x = batch[0]
+        per_sample, q, _ = self._eval_values(x)
+        nll = -self.log_likelihood(
+            x, self.hparams["eval_num_samples"], self.hparams["eval_chunk_size"]
+        )
+        self.test_metrics.update(torch.cat([per_sample, nll.unsqueeze(-1), q.mean], dim=-1))
+
+    def on_test_epoch_end(self) -> None:
+        mean, mean_squares = self.test_metrics.compute()
+        self.test_metrics.reset()
+        logs = {f"test/{name}": mean[i] for i, name in enumerate(EVAL_TERMS)}
+        offset = len(EVAL_TERMS)
+        logs["test/nll"] = mean[offset]
+        posterior_mean_variance = mean_squares[offset + 1 :] - mean[offset + 1 :].square()
+        active = posterior_mean_variance > self.hparams["active_unit_threshold"]
+        logs["test/active_units"] = active.sum().to(mean.dtype)
+        self.log_dict({k: v.float() for k, v in logs.items()})
+
+    def _kl_per_dim(self, q: Distribution, p: Distribution, batch: int) -> Tensor:
+        if self.posterior.factorized and self.prior.factorized:
+            return kl_per_dim(q, p).detach()
+        return q.mean.new_zeros(batch, self.latent_dim)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.parameters(), self.hparams["optimizer"])
+        scheduler = build_scheduler(optimizer, self.hparams["scheduler"])
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
