@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributions import Bernoulli, ContinuousBernoulli, Independent, Normal
 
@@ -322,6 +322,7 @@ def test_registered_names() -> None:
 @pytest.mark.parametrize("path", LIKELIHOOD_CONFIGS, ids=lambda p: p.stem)
 def test_likelihood_configs_build(path: Path) -> None:
     cfg = OmegaConf.load(path)
+    assert isinstance(cfg, DictConfig)
     assert cfg.name == path.stem
     lik = LIKELIHOODS.from_config(cfg, "likelihood", data_shape=(1, 8, 8))
     params = torch.randn(2, 3, 1, 8, 8)
