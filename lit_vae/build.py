@@ -1,4 +1,4 @@
-"""Configs → objects. The only place that reads a Hydra config; everything else takes plain values."""
+"""Configs → objects: the one place that reads Hydra configs; the rest takes plain values."""
 
 from __future__ import annotations
 
@@ -62,8 +62,8 @@ def _instantiate_each(group: DictConfig | None, kind: str) -> list[Any]:
         if entry is None:
             continue
         if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise ValueError(f"{kind}.{key} needs a _target_ (got {entry!r})")
-        log.debug("instantiating %s.%s <%s>", kind, key, entry._target_)
+            raise ValueError(f"{kind}.{key!s} needs a _target_ (got {entry!r})")
+        log.debug("instantiating %s.%s", kind, key)
         objects.append(hydra.utils.instantiate(entry))
     return objects
 

@@ -16,8 +16,8 @@ __all__ = ["ImageGrids"]
 
 class ImageGrids(pl.Callback):
     """Writes ``samples.png`` (decoded prior samples) and ``reconstructions.png`` (validation
-    inputs above their reconstructions) into the run dir when fitting ends, and hands the same images
-    to every logger that takes images (W&B, TensorBoard).
+    inputs above their reconstructions) into the run dir when fitting ends, and hands the same
+    images to every logger that takes images (W&B, TensorBoard).
 
     Args:
         output_dir: where the PNGs go; the trainer's ``default_root_dir`` when ``None``.

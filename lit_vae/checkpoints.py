@@ -32,9 +32,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsafeCheckpointError(
-            f"ckpt_path={str(path)!r} cannot be loaded with torch.load(weights_only=True): it holds "
-            f"objects that need pickle ({first_line}). lit-vae does not unpickle checkpoints; "
-            "re-save it from trusted code with plain containers and tensors only"
+            f"ckpt_path={str(path)!r} cannot be loaded with torch.load(weights_only=True): "
+            f"it holds objects that need pickle ({first_line}). lit-vae does not unpickle "
+            "checkpoints; re-save it from trusted code with plain containers and tensors only"
         ) from None
     return checkpoint
 

@@ -1,7 +1,7 @@
 """``lit-vae-eval``: evaluate a checkpoint, or decode prior samples into a PNG grid.
 
-    lit-vae-eval ckpt_path=outputs/runs/.../checkpoints/last.ckpt eval.num_samples=5000
-    lit-vae-eval ckpt_path=... mode=sample n=64
+lit-vae-eval ckpt_path=outputs/runs/.../checkpoints/last.ckpt eval.num_samples=5000
+lit-vae-eval ckpt_path=... mode=sample n=64
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
             "lit-vae-train"
         )
     data_config = OmegaConf.merge(OmegaConf.create(dict(stored)), cfg.get("data") or {})
+    assert isinstance(data_config, DictConfig)
     datamodule = build_datamodule(data_config)
     trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
     trainer.test(model, datamodule=datamodule, verbose=False)

@@ -30,7 +30,9 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> np.n
     n, channels, height, width = images.shape
     cols = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = torch.ones(channels, rows * (height + padding) + padding, cols * (width + padding) + padding)
+    grid = torch.ones(
+        channels, rows * (height + padding) + padding, cols * (width + padding) + padding
+    )
     for index in range(n):
         r, c = divmod(index, cols)
         top, left = padding + r * (height + padding), padding + c * (width + padding)
@@ -39,13 +41,13 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> np.n
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write :func:`make_grid` of ``images`` as a PNG, upscaled ``scale`` times; returns the path."""
+    """Write :func:`make_grid` of ``images`` as a PNG, upscaled ``scale`` times; return its path."""
     from PIL import Image
 
     array = make_grid(images, nrow)
     image = Image.fromarray(array)
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -24,17 +24,35 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from lit_vae.kl import kl_per_dim
-from lit_vae.likelihoods import LIKELIHOODS
+from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
-from lit_vae.nets import DECODERS, ENCODERS
+from lit_vae.nets import DECODERS, ENCODERS, Decoder, Encoder
 from lit_vae.optim import build_optimizer, build_scheduler
 from lit_vae.posteriors import POSTERIORS, PosteriorHead
 from lit_vae.priors import PRIORS, Prior, VampPrior
-from lit_vae.regularizers import REGULARIZERS, Regularizer
+from lit_vae.regularizers import REGULARIZERS, Penalty, Regularizer
 
-__all__ = ["LitVAE"]
+__all__ = ["ElboTerms", "LitVAE"]
 
 EVAL_TERMS = ("loss", "recon", "kl", "elbo")
+
+
+class ElboTerms(NamedTuple):
+    """One pass through the model.
+
+    Attributes:
+        recon: ``−log p(x|z)`` per sample, ``(batch,)``.
+        penalty: the regularizer's output (training penalty, true KL, logs), each ``(batch,)``.
+        q: posterior, batch ``(batch,)``, event ``(latent,)``.
+        p: prior.
+        z: the reparameterized samples, ``(1, batch, latent)``.
+    """
+
+    recon: Tensor
+    penalty: Penalty
+    q: Distribution
+    p: Distribution
+    z: Tensor
 
 
 def _plain(config: Any) -> Any:
@@ -126,16 +144,16 @@ class LitVAE(pl.LightningModule):
         self.posterior: PosteriorHead = POSTERIORS.from_config(
             hparams["posterior"], "posterior", latent_dim=latent_dim
         )
-        self.encoder: torch.nn.Module = ENCODERS.from_config(
+        self.encoder: Encoder = ENCODERS.from_config(
             hparams["encoder"],
             "model.encoder",
             input_shape=self.data_shape,
             output_dim=self.posterior.num_params,
         )
-        self.decoder: torch.nn.Module = DECODERS.from_config(
+        self.decoder: Decoder = DECODERS.from_config(
             hparams["decoder"], "model.decoder", latent_dim=latent_dim, output_shape=self.data_shape
         )
-        self.likelihood: torch.nn.Module = LIKELIHOODS.from_config(
+        self.likelihood: Likelihood = LIKELIHOODS.from_config(
             hparams["likelihood"], "likelihood", data_shape=self.data_shape
         )
         prior_config = dict(hparams["prior"])
@@ -183,15 +201,13 @@ class LitVAE(pl.LightningModule):
         params = self.decoder(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
 
-    def elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Distribution, Distribution]:
-        """One reparameterized pass: ``(recon, penalty, kl, q, p)``, the first three ``(batch,)``."""
+    def elbo_terms(self, x: Tensor) -> ElboTerms:
+        """One reparameterized pass through the model for ``x (batch, *data_shape)``."""
         q = self.encode(x)
-        z = q.rsample()
+        z = q.rsample().unsqueeze(0)
         p = self.prior()
-        recon = self.likelihood.nll(self.decoder(z), x)
-        penalty = self.regularizer(q, p, z.unsqueeze(0), self.global_step)
-        self._regularizer_logs = penalty.logs
-        return recon, penalty.penalty, penalty.kl, q, p
+        recon = self.likelihood.nll(self.decoder(z[0]), x)
+        return ElboTerms(recon, self.regularizer(q, p, z, self.global_step), q, p, z)
 
     @torch.no_grad()
     def log_likelihood(
@@ -237,8 +253,9 @@ class LitVAE(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
-        recon, penalty, kl, _, _ = self.elbo_terms(x)
-        loss = (recon + penalty).mean()
+        terms = self.elbo_terms(x)
+        recon, kl = terms.recon, terms.penalty.kl
+        loss = (recon + terms.penalty.penalty).mean()
         values = torch.stack([loss, recon.mean(), kl.mean(), -(recon + kl).mean()]).detach()
         self.log_dict(
             {f"train/{name}": value for name, value in zip(EVAL_TERMS, values)},
@@ -247,14 +264,16 @@ class LitVAE(pl.LightningModule):
             sync_dist=True,
             batch_size=x.shape[0],
         )
-        for name, value in self._regularizer_logs.items():
+        for name, value in terms.penalty.logs.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
     def _eval_values(self, x: Tensor) -> tuple[Tensor, Distribution, Distribution]:
-        recon, penalty, kl, q, p = self.elbo_terms(x)
-        per_sample = torch.stack([recon + penalty, recon, kl, -(recon + kl)], dim=-1)
-        return per_sample, q, p
+        """Per-sample ``[loss, recon, kl, elbo]`` as ``(batch, 4)``, with ``q`` and ``p``."""
+        terms = self.elbo_terms(x)
+        recon, kl = terms.recon, terms.penalty.kl
+        per_sample = torch.stack([recon + terms.penalty.penalty, recon, kl, -(recon + kl)], dim=-1)
+        return per_sample, terms.q, terms.p
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         per_sample, q, p = self._eval_values(batch[0])

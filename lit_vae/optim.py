@@ -37,7 +37,9 @@ for _name, _scheduler in {
     SCHEDULERS.register(_name)(_scheduler)
 
 
-def build_optimizer(parameters: Iterable[nn.Parameter], config: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    parameters: Iterable[nn.Parameter], config: Mapping[str, Any]
+) -> torch.optim.Optimizer:
     """``config = {"name": "adam", "lr": 1e-3, ...}`` → the optimizer over ``parameters``."""
     options = dict(config)
     lr = options.get("lr", 1e-3)
@@ -45,11 +47,15 @@ def build_optimizer(parameters: Iterable[nn.Parameter], config: Mapping[str, Any
         raise ValueError(f"optimizer.lr={lr!r}: must be a number > 0")
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    optimizer: torch.optim.Optimizer = OPTIMIZERS.from_config(options, "optimizer", params=parameters)
+    optimizer: torch.optim.Optimizer = OPTIMIZERS.from_config(
+        options, "optimizer", params=parameters
+    )
     return optimizer
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     """``config = {"name": ..., "interval": "epoch", **options}`` → Lightning's scheduler dict."""
     if not config:
         return None

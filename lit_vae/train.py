@@ -1,8 +1,8 @@
 """``lit-vae-train``: train (and test) a VAE from the composed Hydra config.
 
-    lit-vae-train                                   # digits, log_var head, 2-D latent
-    lit-vae-train posterior=cholesky latent_dim=8
-    lit-vae-train -m posterior=log_var,log_std,std,var
+lit-vae-train                                   # digits, log_var head, 2-D latent
+lit-vae-train posterior=cholesky latent_dim=8
+lit-vae-train -m posterior=log_var,log_std,std,var
 """
 
 from __future__ import annotations
@@ -50,13 +50,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
-    trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), build_loggers(cfg.get("logger")))
+    trainer = build_trainer(
+        cfg.trainer, build_callbacks(cfg.get("callbacks")), build_loggers(cfg.get("logger"))
+    )
 
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _float_metrics(trainer, ("val/",))
     if cfg.get("test", True):
-        trainer.test(model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer), verbose=False)
+        trainer.test(
+            model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer), verbose=False
+        )
         metrics.update(_float_metrics(trainer, ("test/",)))
 
     if trainer.is_global_zero:
