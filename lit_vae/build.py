@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,25 @@ from lit_vae.module import LitVAE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_callbacks", "build_datamodule", "build_loggers", "build_model", "build_trainer"]
+__all__ = [
+    "build_callbacks",
+    "build_datamodule",
+    "build_loggers",
+    "build_model",
+    "build_trainer",
+    "quiet_lightning_advice",
+]
+
+
+def quiet_lightning_advice() -> None:
+    """Silence Lightning's advice that does not apply to lit-vae's in-memory datasets, and a
+    deprecation inside pytorch-lightning that users cannot act on."""
+    for message, category in (
+        (r".*does not have many workers", UserWarning),
+        (r".*smaller than the logging interval", UserWarning),
+        (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    ):
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _container(config: Any) -> Any:

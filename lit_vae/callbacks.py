@@ -30,7 +30,7 @@ class ImageGrids(pl.Callback):
         self,
         output_dir: str | None = None,
         num_samples: int = 64,
-        num_reconstructions: int = 32,
+        num_reconstructions: int = 16,
         scale: int = 4,
     ) -> None:
         self.output_dir = output_dir

@@ -14,7 +14,7 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vae.build import build_datamodule, build_trainer
+from lit_vae.build import build_datamodule, build_trainer, quiet_lightning_advice
 from lit_vae.checkpoints import load_checkpoint, model_from_checkpoint
 from lit_vae.images import save_grid
 
@@ -71,6 +71,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
+    quiet_lightning_advice()
     evaluate(cfg)
 
 

@@ -287,8 +287,9 @@ class LitVAE(pl.LightningModule):
         if self.posterior.factorized and self.prior.factorized:
             offset = len(EVAL_TERMS)
             logs.update({f"kl_dim/{j}": mean[offset + j] for j in range(self.latent_dim)})
-        self.log_dict({k: v.float() for k, v in logs.items()}, prog_bar=False)
-        self.log("val/elbo", logs["val/elbo"].float(), prog_bar=True)
+        elbo = logs.pop("val/elbo")
+        self.log("val/elbo", elbo.float(), prog_bar=True)
+        self.log_dict({k: v.float() for k, v in logs.items()})
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x = batch[0]

@@ -22,6 +22,7 @@ from lit_vae.build import (
     build_loggers,
     build_model,
     build_trainer,
+    quiet_lightning_advice,
 )
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _report(output_dir: Path, metrics: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
+    quiet_lightning_advice()
     metrics = train(cfg)
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None

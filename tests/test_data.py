@@ -38,20 +38,6 @@ from lit_vae.data import (
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "lit_vae" / "conf" / "data"
 
-LIGHTNING_ADVICE = (
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*smaller than the logging interval:UserWarning",
-    # pytorch-lightning's tree flattening against torch's newer pytree API
-    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning",
-)
-
-
-def lightning_advice(test: Any) -> Any:
-    """Silence Lightning's advice for real training runs, which the tiny runs here ignore."""
-    for rule in LIGHTNING_ADVICE:
-        test = pytest.mark.filterwarnings(rule)(test)
-    return test
-
 
 def _find_mnist() -> Path | None:
     """The shared MNIST directory: ``$LIT_VAE_MNIST_DIR``, else ``shared/data/mnist`` beside the
@@ -456,7 +442,6 @@ def test_static_sample_is_reproducible(small_mnist: Path) -> None:
     assert not torch.equal(sample(1), first)
 
 
-@lightning_advice
 def test_dynamic_binarization_in_a_real_fit(small_mnist: Path) -> None:
     dm = MNISTDataModule(
         root=small_mnist, val_size=8, batch_size=8, eval_batch_size=8, shuffle=False,
@@ -477,7 +462,6 @@ def test_dynamic_binarization_in_a_real_fit(small_mnist: Path) -> None:
     assert all(torch.equal(x, val_bits) for _, x in model.val_batches)  # sanity check included
 
 
-@lightning_advice
 def test_resumed_run_redraws_the_same_bits_in_the_same_order(
     small_mnist: Path, tmp_path: Path
 ) -> None:
@@ -807,7 +791,6 @@ def test_configs_build_their_datamodules(
     assert OmegaConf.is_missing(tensors, "train")
 
 
-@lightning_advice
 @pytest.mark.parametrize("name", ["digits", "ppca"])
 def test_fast_dev_run_consumes_the_loaders(name: str) -> None:
     dm = DATAMODULES.build(name, batch_size=32, eval_batch_size=50)
