@@ -242,13 +242,14 @@ class LitVAE(pl.LightningModule):
         if chunk_size is None:
             per_sample = x[0].numel() + 4 * self.latent_dim
             chunk_size = max(1, min(num_samples, 2**23 // max(1, x.shape[0] * per_sample)))
-        total = torch.full(x.shape[:1], -math.inf, dtype=torch.float32, device=x.device)
+        dtype = torch.promote_types(q.mean.dtype, torch.float32)  # float64 models stay float64
+        total = torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
         for start in range(0, num_samples, chunk_size):
             z = q.sample((min(chunk_size, num_samples - start),))
             log_weight = (
-                -self.likelihood.nll(self.decoder(z), x).float()
-                + p.log_prob(z).float()
-                - q.log_prob(z).float()
+                -self.likelihood.nll(self.decoder(z), x).to(dtype)
+                + p.log_prob(z).to(dtype)
+                - q.log_prob(z).to(dtype)
             )
             total = torch.logaddexp(total, torch.logsumexp(log_weight, dim=0))
         return total - math.log(num_samples)
