@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
 
 from lit_vae.distributions import diagonal_parts
 from lit_vae.kl import kl_divergence
@@ -55,10 +56,12 @@ def linear_gaussian_elbo(model: LitVAE, x: Tensor) -> Tensor:
     if not isinstance(decoder, LinearDecoder) or not isinstance(likelihood, GaussianLikelihood):
         raise ValueError("linear_gaussian_elbo needs model=linear and likelihood=gaussian")
     q = model.encode(x)
-    if diagonal_parts(q) is not None:
-        covariance = torch.diag_embed(q.variance)  # (batch, d, d)
+    if isinstance(q, (MultivariateNormal, LowRankMultivariateNormal)):
+        covariance = q.covariance_matrix  # (batch, d, d)
+    elif diagonal_parts(q) is not None:
+        covariance = torch.diag_embed(q.variance)
     else:
-        covariance = q.covariance_matrix
+        raise ValueError(f"linear_gaussian_elbo needs a Gaussian posterior, got {type(q).__name__}")
     weight = decoder.weight
     trace = torch.einsum("ij,bjk,ik->b", weight, covariance, weight)
     nll_at_mean = likelihood.nll(decoder(q.mean), x)
