@@ -258,7 +258,10 @@ class LitVAE(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        num_train = getattr(datamodule, "num_train", None) if stage == "fit" else None
+        try:  # the training set size, for regularizers that need it (beta_tc)
+            num_train = getattr(datamodule, "num_train", None)
+        except ValueError:  # a datamodule without a training split
+            num_train = None
         if isinstance(num_train, int):
             self.regularizer.set_dataset_size(num_train)
         if stage != "fit" or not self.hparams["init_output_bias"]:

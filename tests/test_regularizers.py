@@ -261,9 +261,21 @@ def test_beta_tc_gets_the_dataset_size_from_the_datamodule(tmp_path: Path) -> No
     assert model.regularizer.dataset_size == 72
 
 
+def test_beta_tc_gets_the_dataset_size_when_only_validating(tmp_path: Path) -> None:
+    model = _small_model(regularizer={"name": "beta_tc"})
+    (metrics,) = _trainer(tmp_path).validate(model, datamodule=_data(), verbose=False)
+    assert isinstance(model.regularizer, BetaTCRegularizer)
+    assert model.regularizer.dataset_size == 72
+    assert metrics["val/elbo"] == pytest.approx(-(metrics["val/recon"] + metrics["val/kl"]), 1e-5)
+
+
 def test_beta_tc_refuses_full_covariance_and_mixture_priors() -> None:
     with pytest.raises(ValueError, match=r"regularizer\.name=beta_tc: needs the KL per latent"):
         LitVAE((4,), 3, posterior={"name": "low_rank"}, regularizer={"name": "beta_tc"})
+    with pytest.raises(ValueError, match=r"regularizer\.name=beta_tc: needs the KL per latent"):
+        LitVAE(
+            (4,), 3, prior={"name": "vamp", "num_components": 2}, regularizer={"name": "beta_tc"}
+        )
 
 
 # ------------------------------------------------------------------------------------ module
