@@ -294,7 +294,7 @@ class PosteriorCollapseMonitor(pl.Callback):
         count = trainer.strategy.reduce(count, reduce_op="sum")
         kl = total / count
         collapsed = is_collapsed(kl, self.threshold)
-        pl_module.log("diagnostics/posterior_collapse", float(collapsed))
+        pl_module.log("diagnostics/posterior_collapse", float(collapsed), sync_dist=True)
         if collapsed and not self.warned:
             self.warned = True
             rank_zero_warn(
