@@ -336,7 +336,8 @@ class LitVAE(pl.LightningModule):
 
     def _check_combination(self) -> None:
         """Regularizer, objective, head and prior that cannot work together raise here."""
-        regularizer = self.hparams["regularizer"].get("name", "_target_")
+        config = self.hparams["regularizer"]
+        regularizer = config.get("name") or config.get("_target_")
         if self.regularizer.requires_factorized and not (
             self.posterior.factorized and self.prior.factorized
         ):
