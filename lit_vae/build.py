@@ -66,6 +66,7 @@ def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
         prior=_container(cfg.prior),
         likelihood=_container(cfg.likelihood),
         regularizer=_container(cfg.regularizer),
+        objective=_container(cfg.get("objective")),
         optimizer=_container(cfg.optimizer),
         scheduler=_container(cfg.get("scheduler")),
         eval_num_samples=cfg.eval.num_samples,

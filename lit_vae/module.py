@@ -8,6 +8,9 @@ One convention for every number it reports, per sample ``x``::
     loss  = mean_batch(recon + penalty)    penalty = β·kl, free bits, capacity, ...
     elbo  = −mean_batch(recon + kl)        always the true ELBO, in nats per sample
 
+With ``k`` samples per data point (``objective.num_samples``), ``recon`` is the mean over them
+and ``loss`` is the objective's (``elbo``, or ``iwae``: the importance-weighted bound).
+
 Validation and test metrics are means over samples, exact across batches and DDP ranks
 (:class:`~lit_vae.metrics.PerSampleMean`).
 """
@@ -23,10 +26,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from lit_vae.diagnostics import active_units_from_moments
 from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
 from lit_vae.nets import DECODERS, ENCODERS, Decoder, Encoder
+from lit_vae.objectives import Objective, build_objective
 from lit_vae.optim import build_optimizer, build_scheduler
 from lit_vae.posteriors import POSTERIORS, PosteriorHead
 from lit_vae.priors import PRIORS, Prior, VampPrior
@@ -45,7 +50,8 @@ class ElboTerms(NamedTuple):
         penalty: the regularizer's output (training penalty, true KL, logs), each ``(batch,)``.
         q: posterior, batch ``(batch,)``, event ``(latent,)``.
         p: prior.
-        z: the reparameterized samples, ``(1, batch, latent)``.
+        z: the reparameterized samples, ``(samples, batch, latent)``.
+        loss: the objective's loss per sample, ``(batch,)``; the training loss is its mean.
     """
 
     recon: Tensor
@@ -53,6 +59,7 @@ class ElboTerms(NamedTuple):
     q: Distribution
     p: Distribution
     z: Tensor
+    loss: Tensor
 
 
 def _plain(config: Any) -> Any:
@@ -89,6 +96,8 @@ class LitVAE(pl.LightningModule):
         prior: ``{"name": "standard_normal", ...}`` from ``PRIORS``.
         likelihood: ``{"name": "bernoulli", ...}`` from ``LIKELIHOODS``.
         regularizer: ``{"name": "kl", "beta": 1.0}`` from ``REGULARIZERS``.
+        objective: ``{"name": "elbo"}`` or ``{"name": "iwae", "num_samples": k}`` from
+            ``OBJECTIVES``.
         optimizer: ``{"name": "adam", "lr": 1e-3, ...}``.
         scheduler: ``None`` or ``{"name": ..., "interval": "epoch", ...}``.
         eval_num_samples: importance samples ``k`` for ``test/nll`` (≥ 1).
@@ -108,6 +117,7 @@ class LitVAE(pl.LightningModule):
         prior: Mapping[str, Any] | None = None,
         likelihood: Mapping[str, Any] | None = None,
         regularizer: Mapping[str, Any] | None = None,
+        objective: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         eval_num_samples: int = 1000,
@@ -126,6 +136,7 @@ class LitVAE(pl.LightningModule):
                 "prior": prior or {"name": "standard_normal"},
                 "likelihood": likelihood or {"name": "bernoulli"},
                 "regularizer": regularizer or {"name": "kl"},
+                "objective": objective or {"name": "elbo"},
                 "optimizer": optimizer or {"name": "adam", "lr": 1e-3},
                 "scheduler": scheduler,
                 "eval_num_samples": eval_num_samples,
@@ -166,6 +177,8 @@ class LitVAE(pl.LightningModule):
         self.regularizer: Regularizer = REGULARIZERS.from_config(
             hparams["regularizer"], "regularizer"
         )
+        self.objective: Objective = build_objective(hparams["objective"])
+        self._check_combination()
 
         width = len(EVAL_TERMS)
         self.val_metrics = PerSampleMean(width + latent_dim)
@@ -202,12 +215,15 @@ class LitVAE(pl.LightningModule):
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
 
     def elbo_terms(self, x: Tensor) -> ElboTerms:
-        """One reparameterized pass through the model for ``x (batch, *data_shape)``."""
+        """One reparameterized pass through the model for ``x (batch, *data_shape)``, with
+        ``objective.num_samples`` samples ``z`` per data point."""
         q = self.encode(x)
-        z = q.rsample().unsqueeze(0)
+        z = q.rsample((self.objective.num_samples,))
         p = self.prior()
-        recon = self.likelihood.nll(self.decoder(z[0]), x)
-        return ElboTerms(recon, self.regularizer(q, p, z, self.global_step), q, p, z)
+        recon = self.likelihood.nll(self.decoder(z), x)
+        penalty = self.regularizer(q, p, z, self.global_step)
+        loss = self.objective(recon, penalty, q, p, z)
+        return ElboTerms(recon.mean(0), penalty, q, p, z, loss)
 
     @torch.no_grad()
     def log_likelihood(
@@ -226,13 +242,14 @@ class LitVAE(pl.LightningModule):
         if chunk_size is None:
             per_sample = x[0].numel() + 4 * self.latent_dim
             chunk_size = max(1, min(num_samples, 2**23 // max(1, x.shape[0] * per_sample)))
-        total = torch.full(x.shape[:1], -math.inf, dtype=torch.float32, device=x.device)
+        dtype = torch.promote_types(q.mean.dtype, torch.float32)  # float64 models stay float64
+        total = torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
         for start in range(0, num_samples, chunk_size):
             z = q.sample((min(chunk_size, num_samples - start),))
             log_weight = (
-                -self.likelihood.nll(self.decoder(z), x).float()
-                + p.log_prob(z).float()
-                - q.log_prob(z).float()
+                -self.likelihood.nll(self.decoder(z), x).to(dtype)
+                + p.log_prob(z).to(dtype)
+                - q.log_prob(z).to(dtype)
             )
             total = torch.logaddexp(total, torch.logsumexp(log_weight, dim=0))
         return total - math.log(num_samples)
@@ -240,9 +257,15 @@ class LitVAE(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        try:  # the training set size, for regularizers that need it (beta_tc)
+            num_train = getattr(datamodule, "num_train", None)
+        except ValueError:  # a datamodule without a training split
+            num_train = None
+        if isinstance(num_train, int):
+            self.regularizer.set_dataset_size(num_train)
         if stage != "fit" or not self.hparams["init_output_bias"]:
             return
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         train_mean = getattr(datamodule, "train_mean", None)
         output_bias_for = getattr(self.likelihood, "output_bias_for", None)
         init = getattr(self.decoder, "init_output_bias", None)
@@ -255,7 +278,7 @@ class LitVAE(pl.LightningModule):
         x = batch[0]
         terms = self.elbo_terms(x)
         recon, kl = terms.recon, terms.penalty.kl
-        loss = (recon + terms.penalty.penalty).mean()
+        loss = terms.loss.mean()
         values = torch.stack([loss, recon.mean(), kl.mean(), -(recon + kl).mean()]).detach()
         self.log_dict(
             {f"train/{name}": value for name, value in zip(EVAL_TERMS, values)},
@@ -272,7 +295,7 @@ class LitVAE(pl.LightningModule):
         """Per-sample ``[loss, recon, kl, elbo]`` as ``(batch, 4)``, with ``q`` and ``p``."""
         terms = self.elbo_terms(x)
         recon, kl = terms.recon, terms.penalty.kl
-        per_sample = torch.stack([recon + terms.penalty.penalty, recon, kl, -(recon + kl)], dim=-1)
+        per_sample = torch.stack([terms.loss, recon, kl, -(recon + kl)], dim=-1)
         return per_sample, terms.q, terms.p
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -305,10 +328,31 @@ class LitVAE(pl.LightningModule):
         logs = {f"test/{name}": mean[i] for i, name in enumerate(EVAL_TERMS)}
         offset = len(EVAL_TERMS)
         logs["test/nll"] = mean[offset]
-        posterior_mean_variance = mean_squares[offset + 1 :] - mean[offset + 1 :].square()
-        active = posterior_mean_variance > self.hparams["active_unit_threshold"]
+        active = active_units_from_moments(
+            mean[offset + 1 :], mean_squares[offset + 1 :], self.hparams["active_unit_threshold"]
+        )
         logs["test/active_units"] = active.sum().to(mean.dtype)
         self.log_dict({k: v.float() for k, v in logs.items()})
+
+    def _check_combination(self) -> None:
+        """Regularizer, objective, head and prior that cannot work together raise here."""
+        config = self.hparams["regularizer"]
+        regularizer = config.get("name") or config.get("_target_")
+        if self.regularizer.requires_factorized and not (
+            self.posterior.factorized and self.prior.factorized
+        ):
+            raise ValueError(
+                f"regularizer.name={regularizer}: needs the KL per latent dim, which is "
+                f"undefined for posterior.name={self.hparams['posterior'].get('name')} with "
+                f"prior.name={self.hparams['prior'].get('name')}; use a diagonal head (log_var, "
+                "log_std, std, var) with a standard_normal or learned_diagonal prior"
+            )
+        if not self.objective.uses_penalty and not self.regularizer.is_elbo():
+            raise ValueError(
+                f"objective.name={self.hparams['objective'].get('name')}: the bound has no "
+                f"separate KL term, so it needs regularizer=kl with beta=1 and the constant "
+                f"schedule (got regularizer.name={regularizer})"
+            )
 
     def _kl_per_dim(self, q: Distribution, p: Distribution, batch: int) -> Tensor:
         if self.posterior.factorized and self.prior.factorized:
