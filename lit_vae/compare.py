@@ -392,17 +392,20 @@ def plot_curves(groups: Sequence[Group], metric: str, output: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    varying, _ = _varying_keys(groups)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     plotted = 0
     for index, group in enumerate(groups):
         colour = colours[index % len(colours)]
+        identity = dict(group.identity)
+        name = " ".join(f"{k}={identity[k]}" for k in varying if k in identity) or group.label
         for run_index, run in enumerate(group.runs):
             points = run.history.get(metric, [])
             if not points:
                 continue
             steps, values = zip(*points)
-            label = group.label if run_index == 0 else None
+            label = f"{name} (n={len(group.runs)})" if run_index == 0 else None
             ax.plot(steps, values, color=colour, alpha=0.85, label=label, marker=".")
             plotted += 1
     if not plotted:
@@ -495,11 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write(args.csv, buffer.getvalue())
     if args.json:
         _write(args.json, json.dumps(table, indent=2) + "\n")
+    if "-" not in (args.csv, args.json):
+        print_table(groups, table, metrics, reaches, title=f"{len(runs)} runs")
     if args.plot:
         output = Path(args.plot_file or f"curves-{args.plot.replace('/', '_')}.png")
         print(f"wrote {plot_curves(groups, args.plot, output)}", file=sys.stderr)
-    if "-" not in (args.csv, args.json):
-        print_table(groups, table, metrics, reaches, title=f"{len(runs)} runs")
     return 0
 
 

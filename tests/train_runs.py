@@ -6,8 +6,13 @@ import sys
 
 from lit_vae.train import main
 
-# the smallest real training: one epoch on digits, 10 importance samples for test/nll
-TINY = ("trainer.max_epochs=1", "eval.num_samples=10", "callbacks=minimal")
+# the smallest real training: 3 steps per epoch on digits, 10 importance samples for test/nll
+TINY = (
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=3",
+    "eval.num_samples=10",
+    "callbacks=minimal",
+)
 
 
 def run_train(*overrides: str) -> None:

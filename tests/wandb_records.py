@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,7 +128,26 @@ def read_run(path: Path) -> OfflineRun:
     return run
 
 
+def read_finished_run(path: Path, timeout: float = 60.0) -> OfflineRun:
+    """:func:`read_run` once the file holds the run's exit record.
+
+    ``run.finish()`` returns when W&B's service has the run's last record, not when the
+    service has written it to disk, so a file read right after may still be short.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = read_run(path)
+        except ValueError:  # a record still being written
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if run.exit_code is not None or time.monotonic() > deadline:
+                return run
+        time.sleep(0.1)
+
+
 def offline_runs(directory: Path) -> list[OfflineRun]:
-    """Every offline run below ``directory``, oldest first."""
+    """Every finished offline run below ``directory``, oldest first."""
     files = sorted(directory.rglob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    return [read_run(path) for path in files]
+    return [read_finished_run(path) for path in files]
