@@ -377,8 +377,9 @@ class HydraWandbLogger(WandbLogger):
 
 
 def _start_failure(mode: str, err: Exception) -> str:
+    reason = str(err).strip().rstrip(".")
     return (
-        f"W&B could not start a run in mode {mode!r}: {err}. Log in (`wandb login` or "
+        f"W&B could not start a run in mode {mode!r}: {reason}. Log in (`wandb login` or "
         "WANDB_API_KEY) and check the network, or track offline with WANDB_MODE=offline and "
         "upload later with `wandb sync <run dir>/wandb/offline-run-*`; "
         "logger.wandb.fallback_offline=true falls back to offline by itself"

@@ -344,3 +344,17 @@ def test_online_without_credentials_falls_back_to_offline_when_asked(
     assert run.steps("val/elbo") == [7]
     assert run.values("val/elbo") == [-3.5]
     assert run.summary["val/elbo"] == {"max": -3.5}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("wandb_offline")
+def test_online_without_network_fails_within_the_init_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    logger = HydraWandbLogger(save_dir=str(tmp_path), mode="online", init_timeout=3)
+    with pytest.raises(TrackingError, match=r"(?s)mode 'online': .*connection refused.*fallback"):
+        _ = logger.experiment
