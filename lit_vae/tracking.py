@@ -258,7 +258,8 @@ class HydraWandbLogger(WandbLogger):
             offline instead of failing.
         init_timeout: seconds W&B may take to start the run.
         summaries: metric → ``min``/``max``/``mean``/``last``; :data:`SUMMARIES` when ``None``.
-        **kwargs: passed on to :func:`wandb.init`.
+        **kwargs: passed on to :func:`wandb.init`; a ``settings`` mapping there is merged
+            with ``init_timeout``.
     """
 
     def __init__(
@@ -342,7 +343,9 @@ class HydraWandbLogger(WandbLogger):
         if stale is not None and stale.id != self._wandb_init.get("id"):
             log.warning("finishing W&B run %s left open by an earlier job", stale.id)
             wandb.finish()
-        self._wandb_init.setdefault("settings", wandb.Settings(init_timeout=self._init_timeout))
+        settings = self._wandb_init.get("settings") or {}
+        if isinstance(settings, Mapping):
+            self._wandb_init["settings"] = {"init_timeout": self._init_timeout, **settings}
         try:
             run = super().experiment
         except wandb.errors.Error as err:

@@ -28,6 +28,10 @@ from lit_vae.tracking import (
 from .train_runs import TINY, run_train
 from .wandb_records import OfflineRun, offline_runs
 
+# a W&B server address where nothing listens: online tests never reach a real service, even
+# where the environment holds credentials
+NO_SERVER = {"base_url": "http://127.0.0.1:9"}
+
 
 @pytest.fixture
 def wandb_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
@@ -320,7 +324,7 @@ def test_online_without_credentials_fails_fast_with_a_clear_message(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "online")
-    logger = HydraWandbLogger(save_dir=str(tmp_path))
+    logger = HydraWandbLogger(save_dir=str(tmp_path), init_timeout=3, settings=NO_SERVER)
     started = time.monotonic()
     with pytest.raises(TrackingError, match=r"mode 'online'.*WANDB_MODE=offline.*wandb sync"):
         _ = logger.experiment
@@ -334,7 +338,9 @@ def test_online_without_credentials_falls_back_to_offline_when_asked(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "online")
-    logger = HydraWandbLogger(save_dir=str(tmp_path), fallback_offline=True)
+    logger = HydraWandbLogger(
+        save_dir=str(tmp_path), fallback_offline=True, init_timeout=3, settings=NO_SERVER
+    )
     run_id = logger.experiment.id
     assert logger.mode == "offline"
     logger.log_metrics({"val/elbo": -3.5}, step=7)
@@ -353,8 +359,9 @@ def test_online_without_network_fails_within_the_init_timeout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    logger = HydraWandbLogger(save_dir=str(tmp_path), mode="online", init_timeout=3)
+    settings = {**NO_SERVER, "api_key": "a" * 40}
+    logger = HydraWandbLogger(
+        save_dir=str(tmp_path), mode="online", init_timeout=3, settings=settings
+    )
     with pytest.raises(TrackingError, match=r"(?s)mode 'online': .*connection refused.*fallback"):
         _ = logger.experiment
