@@ -214,8 +214,9 @@ def test_cli_writes_csv_and_json_with_stats_reach_and_nonfinite(
 
 
 def test_cli_table_shows_mean_pm_std_and_varying_overrides(
-    sweep: Path, capsys: pytest.CaptureFixture[str]
+    sweep: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
     assert main([str(sweep), "--reach", "val/elbo=-31", "--metrics", "val/elbo,test/nll"]) == 0
     out = capsys.readouterr().out
     assert "-31.167 ± 1.258" in out

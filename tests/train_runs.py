@@ -9,7 +9,7 @@ from lit_vae.train import main
 # the smallest real training: 3 steps per epoch on digits, 10 importance samples for test/nll
 TINY = (
     "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
+    "++trainer.limit_train_batches=3",
     "eval.num_samples=10",
     "callbacks=minimal",
 )
