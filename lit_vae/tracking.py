@@ -275,7 +275,7 @@ class HydraWandbLogger(WandbLogger):
         log_model: bool | str = False,
         resume_from: str | None = None,
         fallback_offline: bool = False,
-        init_timeout: float = 90.0,
+        init_timeout: float = 60.0,
         summaries: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
