@@ -14,9 +14,10 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vae.build import build_datamodule, build_trainer, quiet_lightning_advice
+from lit_vae.build import build_datamodule, build_loggers, build_trainer, quiet_lightning_advice
 from lit_vae.checkpoints import load_checkpoint, model_from_checkpoint
 from lit_vae.images import save_grid
+from lit_vae.tracking import describe_run, finish_tracking
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     data_config = OmegaConf.merge(OmegaConf.create(dict(stored)), cfg.get("data") or {})
     assert isinstance(data_config, DictConfig)
     datamodule = build_datamodule(data_config)
-    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
+    loggers = build_loggers(cfg.get("logger"))
+    describe_run(loggers, cfg)
+    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=loggers)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {
         key: float(value)
@@ -70,9 +73,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    """Console entry point."""
+    """Console entry point; finishes the job's W&B run (``job_type=eval``), failed or not."""
     quiet_lightning_advice()
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except BaseException:
+        finish_tracking(exit_code=1)
+        raise
+    finish_tracking()
 
 
 if __name__ == "__main__":

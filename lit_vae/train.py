@@ -24,6 +24,7 @@ from lit_vae.build import (
     build_trainer,
     quiet_lightning_advice,
 )
+from lit_vae.tracking import describe_run, finish_tracking
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg.data)
     model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
-    trainer = build_trainer(
-        cfg.trainer, build_callbacks(cfg.get("callbacks")), build_loggers(cfg.get("logger"))
-    )
+    loggers = build_loggers(cfg.get("logger"))
+    describe_run(loggers, cfg)
+    trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers)
 
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -89,11 +90,21 @@ def _report(output_dir: Path, metrics: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
+    """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers.
+
+    The job's W&B run (if any) is finished here, failed or not, so the next job of a multirun
+    starts its own; it records the returned value as its ``objective`` summary.
+    """
     quiet_lightning_advice()
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except BaseException:
+        finish_tracking(exit_code=1)
+        raise
     metric_name = cfg.get("optimized_metric")
-    return metrics.get(metric_name) if metric_name else None
+    value = metrics.get(metric_name) if metric_name else None
+    finish_tracking(summary=None if value is None else {"objective": value})
+    return value
 
 
 if __name__ == "__main__":
