@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import signal
 import socket
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from .helpers import REPO, TINY, compose_config, read_json
+from .helpers import BIN, REPO, TINY, compose_config, read_json
 
 #: items per split: none divisible by 2 processes, and the last global training batch of 2 × 16
 #: items (67 = 2 · 32 + 3) splits unevenly, 2 + 1
@@ -57,6 +60,40 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a console-script run: this checkout importable (for the probe)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_console(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 200
+) -> subprocess.CompletedProcess[str]:
+    """``lit-vae-train *args`` in its own process group; on a timeout the whole group (the
+    DDP children included) is killed. Fails with the output when it exits non-zero."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **subprocess_env(), **(env or {})}
+    process = subprocess.Popen(
+        [str(BIN / "lit-vae-train"), *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(process)
+        output, _ = process.communicate()
+        raise AssertionError(
+            f"lit-vae-train timed out after {timeout} s\n{output[-4000:]}"
+        ) from None
+    if process.returncode != 0:
+        raise AssertionError(f"lit-vae-train exited {process.returncode}\n{output[-4000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def kill_group(process: subprocess.Popen[str]) -> None:
+    """Kill the process group ``process`` leads (it was started with a new session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def train_in_process(overrides: Sequence[str], run_dir: Path) -> dict[str, float]:

@@ -26,13 +26,15 @@ from .distributed_helpers import (
     assert_close_tensors,
     assert_matches_one_process,
     free_port,
+    kill_group,
     load_probes,
     probe_overrides,
+    run_console,
     subprocess_env,
     train_in_process,
     write_digits_splits,
 )
-from .helpers import BIN, run_cli
+from .helpers import BIN
 
 # ---------------------------------------------------------------------------------- sampler
 
@@ -187,8 +189,7 @@ def test_ddp_cpu_matches_one_process(data_overrides: list[str], tmp_path: Path) 
     reference = _reference(overrides, tmp_path / "one")
     run_dir, work_dir = tmp_path / "two", tmp_path / "cwd"
     work_dir.mkdir()
-    run_cli(
-        "lit-vae-train",
+    run_console(
         *overrides,
         "trainer=ddp_cpu",
         "data.batch_size=16",
@@ -196,8 +197,6 @@ def test_ddp_cpu_matches_one_process(data_overrides: list[str], tmp_path: Path) 
         f"hydra.run.dir={run_dir}",
         *probe_overrides(run_dir / "probe"),
         cwd=work_dir,
-        env=subprocess_env(),
-        timeout=200,
     )
     assert_matches_one_process(run_dir, reference, world_size=2)
 
@@ -246,6 +245,7 @@ def _launch_node(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
 
 
@@ -270,7 +270,11 @@ def test_two_nodes_match_one_process(data_overrides: list[str], tmp_path: Path) 
     ]
     port = free_port()
     nodes = [_launch_node(node_overrides, rank, port, tmp_path) for rank in range(2)]
-    outputs = [node.communicate(timeout=200)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=200)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            kill_group(node)
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]
     assert_matches_one_process(run_dir, reference, world_size=2)
