@@ -365,8 +365,9 @@ class LitVAE(pl.LightningModule):
             offset = len(EVAL_TERMS)
             logs.update({f"kl_dim/{j}": mean[offset + j] for j in range(self.latent_dim)})
         elbo = logs.pop("val/elbo")
-        self.log("val/elbo", elbo.float(), prog_bar=True)
-        self.log_dict({k: v.float() for k, v in logs.items()})
+        # already reduced over the processes: sync_dist averages identical values
+        self.log("val/elbo", elbo.float(), prog_bar=True, sync_dist=True)
+        self.log_dict({k: v.float() for k, v in logs.items()}, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x = batch[0]
@@ -386,7 +387,7 @@ class LitVAE(pl.LightningModule):
         posterior_mean_variance = mean_squares[offset + 1 :] - mean[offset + 1 :].square()
         active = posterior_mean_variance > self.hparams["active_unit_threshold"]
         logs["test/active_units"] = active.sum().to(mean.dtype)
-        self.log_dict({k: v.float() for k, v in logs.items()})
+        self.log_dict({k: v.float() for k, v in logs.items()}, sync_dist=True)
 
     def _kl_per_dim(self, q: Distribution, p: Distribution, batch: int) -> Tensor:
         if self.posterior.factorized and self.prior.factorized:
