@@ -244,3 +244,55 @@ def test_requeued_job_resumes_from_its_checkpoint(
     assert last["global_step"] == max_epochs * STEPS_PER_EPOCH
     assert last["epoch"] == max_epochs - 1
     assert "test/nll" in read_json(sweep_dir / "0" / "results.json")
+
+
+# ----------------------------------------------------------------- without a cluster
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        (["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], (2, 4, 4)),
+        (["trainer=ddp_cpu"], (1, 2, None)),
+        (["trainer=cpu"], (1, 1, None)),
+    ],
+)
+def test_preset_sizes_jobs_from_the_trainer(
+    trainer: list[str], expected: tuple[int, int, int | None], tmp_path: Path
+) -> None:
+    from omegaconf import OmegaConf
+
+    import lit_vae.slurm  # noqa: F401  (registers the preset's resolver)
+
+    from .helpers import compose_config
+
+    cfg = compose_config(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", *trainer], tmp_path
+    )
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert isinstance(launcher, dict)
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == expected
+    assert launcher["partition"] == "gpu"
+    assert launcher["max_num_timeout"] >= 1
+    assert launcher["_target_"].endswith("SlurmLauncher")
+
+
+def test_resume_path_only_for_requeued_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lit_vae.slurm import resume_path
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resume_path(None, tmp_path) is None  # a fresh run in a reused dir starts over
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resume_path(None, tmp_path) is None  # the first start of a job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert resume_path(None, tmp_path) == str(last)
+    assert resume_path("/given.ckpt", tmp_path) == "/given.ckpt"
+    last.unlink()
+    assert resume_path(None, tmp_path) is None  # requeued before the first checkpoint
