@@ -43,10 +43,17 @@ def is_requeued_slurm_job() -> bool:
 
 def resume_path(ckpt_path: str | None, output_dir: str | os.PathLike[str]) -> str | None:
     """The checkpoint to fit from: ``ckpt_path`` when given; else, in a requeued SLURM job,
-    ``<output_dir>/checkpoints/last.ckpt`` if it exists; else ``None`` (a fresh start)."""
+    ``<output_dir>/checkpoints/last.ckpt`` if it exists; else ``None`` (a fresh start).
+
+    ``None`` as well when ``output_dir`` holds an ``hpc_ckpt_<n>.ckpt``: Lightning wrote it when
+    SLURM signalled the job (``#SBATCH --signal=SIGUSR1@90`` in a batch script of your own) and
+    resumes from it by itself under SLURM.
+    """
     if ckpt_path:
         return str(ckpt_path)
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if any(Path(output_dir).glob("hpc_ckpt_*.ckpt")):
+        return None  # saved by Lightning at SLURM's signal: Lightning resumes from it itself
     if is_requeued_slurm_job() and last.is_file():
         log.info(
             "requeued SLURM job %s (restart %s): resuming from %s",

@@ -294,5 +294,8 @@ def test_resume_path_only_for_requeued_jobs(
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert resume_path(None, tmp_path) == str(last)
     assert resume_path("/given.ckpt", tmp_path) == "/given.ckpt"
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    assert resume_path(None, tmp_path) is None  # Lightning's own, newer, SLURM checkpoint
+    (tmp_path / "hpc_ckpt_1.ckpt").unlink()
     last.unlink()
     assert resume_path(None, tmp_path) is None  # requeued before the first checkpoint
