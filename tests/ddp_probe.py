@@ -12,6 +12,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from lit_vae.metrics import PerSampleMean
+
+#: the values of the metric check: 13 rows, of which rank 0 of 2 holds 5 and rank 1 holds 8
+METRIC_VALUES = torch.linspace(-2.0, 3.0, 39, dtype=torch.float64).reshape(13, 3).sin() * 4
+METRIC_SPLIT = 5
+
 
 class Probe(pl.Callback):
     """Writes ``start-rank<r>-restart<n>.json`` (the global step and epoch fitting starts from,
@@ -24,10 +30,14 @@ class Probe(pl.Callback):
     * ``initial_state`` and ``state``: the model's ``state_dict`` before the first step and
       after the last one;
     * ``world_size``, ``global_rank``, ``precision``, ``cluster_environment`` (the class Lightning
-      chose) and ``noise_seed`` (the run's ``seed``, as this process's own config has it).
+      chose) and ``noise_seed`` (the run's ``seed``, as this process's own config has it);
+    * ``metric_check``: with 2 processes, ``(mean, mean_of_squares)`` of a
+      :class:`~lit_vae.metrics.PerSampleMean` that rank 0 fed ``METRIC_VALUES[:5]`` and rank 1
+      ``METRIC_VALUES[5:]``, reduced over the process group.
 
-    With ``pause_at_step``, rank 0 of a run's first SLURM start touches
-    ``paused-at-<step>`` after that step and sleeps until it is killed (a preemption point).
+    With ``pause_at_step`` (and ``pause_seed``, if given, equal to the run's seed), rank 0 of a
+    run's first SLURM start touches ``paused-at-<step>`` after that step and sleeps until it is
+    killed: a preemption point.
     """
 
     def __init__(
@@ -35,10 +45,12 @@ class Probe(pl.Callback):
         output_dir: str,
         grad_steps: int = 2,
         pause_at_step: int | None = None,
+        pause_seed: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.grad_steps = grad_steps
         self.pause_at_step = pause_at_step
+        self.pause_seed = pause_seed
         self.grads: list[dict[str, torch.Tensor]] = []
         self.losses: list[float] = []
         self.batch_sizes: list[int] = []
@@ -63,12 +75,18 @@ class Probe(pl.Callback):
     ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.batch_sizes.append(int(batch[0].shape[0]))
-        first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
-        if first_run and trainer.global_step == self.pause_at_step and trainer.is_global_zero:
-            # a preemption point: announce it, then wait to be killed
+        if self._pauses_here(trainer, pl_module):
             (self.output_dir / f"paused-at-{self.pause_at_step}").touch()
             while True:
                 time.sleep(1)
+
+    def _pauses_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        return (
+            os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+            and trainer.global_step == self.pause_at_step
+            and trainer.is_global_zero
+            and self.pause_seed in (None, pl_module.hparams.get("noise_seed"))
+        )
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(self.grads) < self.grad_steps:
@@ -82,6 +100,7 @@ class Probe(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        environment = getattr(trainer.strategy, "cluster_environment", None)
         torch.save(
             {
                 "steps": self.grads,
@@ -93,10 +112,22 @@ class Probe(pl.Callback):
                 "world_size": trainer.world_size,
                 "global_rank": trainer.global_rank,
                 "precision": str(trainer.precision),
-                "cluster_environment": type(trainer.strategy.cluster_environment).__name__,
+                "cluster_environment": type(environment).__name__,
+                "metric_check": _metric_check(trainer) if trainer.world_size == 2 else None,
             },
             self.output_dir / f"rank{trainer.global_rank}.pt",
         )
+
+
+def _metric_check(trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    metric = PerSampleMean(METRIC_VALUES.shape[1])
+    rows = (
+        METRIC_VALUES[:METRIC_SPLIT] if trainer.global_rank == 0 else METRIC_VALUES[METRIC_SPLIT:]
+    )
+    for part in rows.split(3):
+        metric.update(part)
+    mean, mean_squares = metric.compute()
+    return mean.clone(), mean_squares.clone()
 
 
 def _copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

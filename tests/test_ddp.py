@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import SequentialSampler
 
 from lit_vae.data import EpochRandomSampler, TensorPairDataset
 from lit_vae.sharding import BatchShard, GlobalBatchSampler, shard_sizes
 
-from . import gloo_workers
+from .ddp_probe import METRIC_SPLIT, METRIC_VALUES
 from .distributed_helpers import (
     EXACT,
     assert_close_tensors,
@@ -129,32 +128,6 @@ def test_datamodule_shards_under_a_distributed_trainer() -> None:
     assert not isinstance(digits.train_dataloader().sampler, GlobalBatchSampler)
 
 
-# ------------------------------------------------------------------- exact means over ranks
-
-
-def test_per_sample_mean_is_exact_across_processes() -> None:
-    values = torch.randn(13, 3, dtype=torch.float64) * torch.tensor([0.05, 1.0, 3.0]) + 2.0
-    context = mp.get_context("spawn")
-    out = context.Queue()
-    port = free_port()
-    processes = [
-        context.Process(target=gloo_workers.per_sample_mean, args=(rank, port, values, out))
-        for rank in range(2)
-    ]
-    for process in processes:
-        process.start()
-    results = sorted(out.get(timeout=120) for _ in processes)
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
-    for _, mean, mean_squares in results:
-        torch.testing.assert_close(mean, values.mean(0))
-        # Cov over the whole set, what test/active_units thresholds
-        torch.testing.assert_close(mean_squares - mean.square(), values.var(0, unbiased=False))
-    naive = (values[:5].mean(0) + values[5:].mean(0)) / 2  # a mean of the ranks' means
-    assert not torch.allclose(naive, values.mean(0))
-
-
 # ------------------------------------------------------------------------------ real runs
 
 
@@ -205,6 +178,16 @@ def test_ddp_cpu_matches_one_process(data_overrides: list[str], tmp_path: Path) 
     assert_close_tensors(rank1["state"], rank0["state"], tol=0.0)
     for key in ("prior.loc", "prior.log_scale", "prior.logits"):
         assert not torch.equal(rank0["state"][key], rank0["initial_state"][key]), key
+
+    # PerSampleMean over uneven shards (5 and 8 rows): exact whole-set mean and Cov, what
+    # test/nll and test/active_units rely on; a mean of the ranks' means would differ
+    values = METRIC_VALUES
+    for probe in (rank0, rank1):
+        mean, mean_squares = probe["metric_check"]
+        torch.testing.assert_close(mean, values.mean(0))
+        torch.testing.assert_close(mean_squares - mean.square(), values.var(0, unbiased=False))
+    naive = (values[:METRIC_SPLIT].mean(0) + values[METRIC_SPLIT:].mean(0)) / 2
+    assert not torch.allclose(naive, values.mean(0))
 
     # only rank 0 writes: one run dir, one metrics file, no stray dirs where it was started
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(

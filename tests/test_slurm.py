@@ -1,9 +1,10 @@
 """``hydra/launcher=slurm`` against a real SLURM cluster on this machine.
 
 The cluster is the single-node one of ``shared/slurm/start_local_slurm.sh`` (partition
-``debug``; ``.ci/run`` starts it, and so does this module when it runs as root and finds the
-script). Without root, the script, or a working cluster, the tests skip and say why. Jobs run
-as job arrays of 2 CPU tasks each: one DDP process per task, ranks from SLURM.
+``debug``, 2 CPUs; ``.ci/run`` starts it, and so does this module when it runs as root and finds
+the script). Without root, the script, or a working cluster, the tests skip and say why. One
+sweep of 2 jobs of 2 CPU tasks each (one DDP process per task, ranks from SLURM) runs once for
+the module; the jobs run one after the other, and one of them is requeued on the way.
 """
 
 from __future__ import annotations
@@ -144,74 +145,55 @@ def _wait_for(path: Path, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _job_ids(name: str) -> list[str]:
+def _array_task_id(name: str, task: int) -> str:
+    """The id (``<array job>_<task>``) of array task ``task`` of the job named ``name``."""
     listed = subprocess.run(
-        ["squeue", "-h", "--name", name, "-o", "%i %T"],
+        ["squeue", "-h", "-r", "--name", name, "-o", "%i %K"],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
     )
-    return [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    ids = [
+        line.split()[0] for line in listed.stdout.splitlines() if line.split()[1:] == [str(task)]
+    ]
+    assert len(ids) == 1, listed.stdout
+    return ids[0]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-@pytest.mark.usefixtures("slurm_cluster")
-def test_multirun_of_two_task_ddp_jobs(data_overrides: list[str], tmp_path: Path) -> None:
-    """``-m hydra/launcher=slurm trainer=ddp_cpu seed=1,2``: 2 SLURM jobs, each 2 srun tasks
-    forming one gloo process group; both write their results."""
+MAX_EPOCHS = 4
+PAUSE_STEP = 2 * STEPS_PER_EPOCH + 1  # the first step of epoch 2
+
+
+@pytest.fixture(scope="module")
+def requeued_sweep(
+    slurm_cluster: None, data_overrides: list[str], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``-m hydra/launcher=slurm trainer=ddp_cpu seed=1,2``: 2 SLURM jobs of 2 srun tasks each,
+    one gloo process group per job. Job 0 (seed 1) is requeued in epoch 2 with ``scontrol
+    requeue``, as preemption does; the sweep dir once both jobs have finished."""
     name = f"litvae-{uuid.uuid4().hex[:8]}"
-    sweep_dir, work_dir = tmp_path / "sweep", tmp_path / "cwd"
+    root = tmp_path_factory.mktemp("slurm")
+    sweep_dir, work_dir = root / "sweep", root / "cwd"
     work_dir.mkdir()
-    args = [*_slurm_overrides(name, sweep_dir), *data_overrides, "trainer.max_epochs=1", "seed=1,2"]
-    with _submitting(args, work_dir, name) as process:
-        _finish(process, timeout=400)
-    assert sorted(p.name for p in sweep_dir.iterdir()) == [".submitit", "0", "1", "multirun.yaml"]
-    assert list(work_dir.iterdir()) == []
-    for job, seed in [(0, 1), (1, 2)]:
-        job_dir = sweep_dir / str(job)
-        probes = load_probes(job_dir / "probe")
-        assert [
-            (p["global_rank"], p["world_size"], p["cluster_environment"], p["noise_seed"])
-            for p in probes
-        ] == [(0, 2, "SLURMEnvironment", seed), (1, 2, "SLURMEnvironment", seed)]
-        # one global batch of 32 + 32 + 3 per epoch, split 16 + 16 + 2 and 16 + 16 + 1
-        assert [p["batch_sizes"] for p in probes] == [[16, 16, 2], [16, 16, 1]]
-        assert_close_tensors(probes[1]["state"], probes[0]["state"], tol=0.0)
-        results = read_json(job_dir / "results.json")
-        assert {"val/elbo", "test/nll", "test/active_units"} <= results.keys()
-        assert not (job_dir / "train_ddp_process_1.log").exists()  # srun started every process
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-@pytest.mark.usefixtures("slurm_cluster")
-def test_requeued_job_resumes_from_its_checkpoint(
-    data_overrides: list[str], tmp_path: Path
-) -> None:
-    """A job requeued in epoch 2 (``scontrol requeue``, as preemption does) starts again and
-    continues from ``last.ckpt`` instead of from step 0."""
-    name = f"litvae-{uuid.uuid4().hex[:8]}"
-    sweep_dir = tmp_path / "sweep"
-    max_epochs, pause_step = 4, 2 * STEPS_PER_EPOCH + 1
     args = [
         *_slurm_overrides(name, sweep_dir),
         *data_overrides,
-        f"trainer.max_epochs={max_epochs}",
-        "seed=3",
-        f"+callbacks.probe.pause_at_step={pause_step}",
+        f"trainer.max_epochs={MAX_EPOCHS}",
+        "seed=1,2",
+        f"+callbacks.probe.pause_at_step={PAUSE_STEP}",
+        "+callbacks.probe.pause_seed=1",
         # a checkpoint every epoch, whether val/elbo improved or not (Lightning updates
         # last.ckpt only together with a top-k checkpoint)
         "callbacks.model_checkpoint.save_top_k=-1",
     ]
     probe_dir = sweep_dir / "0" / "probe"
-    with _submitting(args, tmp_path, name) as process:
-        _wait_for(probe_dir / f"paused-at-{pause_step}", timeout=300)
-        (job_id,) = _job_ids(name)
+    with _submitting(args, work_dir, name) as process:
+        _wait_for(probe_dir / f"paused-at-{PAUSE_STEP}", timeout=300)
+        job_id = _array_task_id(name, 0)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         # SLURM holds a requeued job for a while before it may start again; release it now
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not (probe_dir / "start-rank0-restart1.json").exists():
             assert time.monotonic() < deadline, "the requeued job did not start again"
             subprocess.run(
@@ -222,7 +204,43 @@ def test_requeued_job_resumes_from_its_checkpoint(
             )
             time.sleep(2)
         _finish(process, timeout=300)
+    assert list(work_dir.iterdir()) == []  # no stray run dirs where the sweep was started
+    return sweep_dir
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_multirun_of_two_task_ddp_jobs(requeued_sweep: Path) -> None:
+    """Both jobs finish with their results, each trained by 2 processes that Lightning found
+    through SLURM and that ran that job's config."""
+    assert sorted(p.name for p in requeued_sweep.iterdir()) == [
+        ".submitit",
+        "0",
+        "1",
+        "multirun.yaml",
+    ]
+    for job, seed in [(0, 1), (1, 2)]:
+        job_dir = requeued_sweep / str(job)
+        probes = load_probes(job_dir / "probe")
+        assert [
+            (p["global_rank"], p["world_size"], p["cluster_environment"], p["noise_seed"])
+            for p in probes
+        ] == [(0, 2, "SLURMEnvironment", seed), (1, 2, "SLURMEnvironment", seed)]
+        assert_close_tensors(probes[1]["state"], probes[0]["state"], tol=0.0)
+        results = read_json(job_dir / "results.json")
+        assert {"val/elbo", "test/nll", "test/active_units"} <= results.keys()
+        assert not (job_dir / "train_ddp_process_1.log").exists()  # srun started every process
+    # the job that was not requeued: every epoch's global batch of 32 + 32 + 3 split in two
+    rank0, rank1 = load_probes(requeued_sweep / "1" / "probe")
+    assert rank0["batch_sizes"] == [16, 16, 2] * MAX_EPOCHS
+    assert rank1["batch_sizes"] == [16, 16, 1] * MAX_EPOCHS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_requeued_job_resumes_from_its_checkpoint(requeued_sweep: Path) -> None:
+    """The requeued job started again and continued from ``last.ckpt``, not from step 0."""
+    probe_dir = requeued_sweep / "0" / "probe"
     starts = {path.stem: json.loads(path.read_text()) for path in probe_dir.glob("start-*.json")}
     assert sorted(starts) == [
         "start-rank0-restart0",
@@ -233,17 +251,16 @@ def test_requeued_job_resumes_from_its_checkpoint(
     assert starts["start-rank0-restart0"] == {"global_step": 0, "epoch": 0}
     resumed = starts["start-rank0-restart1"]
     assert starts["start-rank1-restart1"] == resumed
-    # the restart continues in epoch 2, from the checkpoint of epoch 1 (step 6) or one written
-    # at the preemption signal (step 7), not from step 0
+    # epoch 2 from the checkpoint of epoch 1 (step 6), or from one written at the preemption
+    # signal (step 7)
     assert resumed["epoch"] == 2
-    assert 2 * STEPS_PER_EPOCH <= resumed["global_step"] <= pause_step
+    assert 2 * STEPS_PER_EPOCH <= resumed["global_step"] <= PAUSE_STEP
     rank0, _ = load_probes(probe_dir)
     # the steps run after the restart are the rest of the run
-    assert len(rank0["losses"]) == max_epochs * STEPS_PER_EPOCH - resumed["global_step"]
-    last = torch.load(sweep_dir / "0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["global_step"] == max_epochs * STEPS_PER_EPOCH
-    assert last["epoch"] == max_epochs - 1
-    assert "test/nll" in read_json(sweep_dir / "0" / "results.json")
+    assert len(rank0["losses"]) == MAX_EPOCHS * STEPS_PER_EPOCH - resumed["global_step"]
+    last = torch.load(requeued_sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == MAX_EPOCHS * STEPS_PER_EPOCH
+    assert last["epoch"] == MAX_EPOCHS - 1
 
 
 # ----------------------------------------------------------------- without a cluster
