@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from lit_vae.data import DATAMODULES
+from lit_vae.distributed import use_hydra_job_launcher
 from lit_vae.module import LitVAE
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
         scheduler=_container(cfg.get("scheduler")),
         eval_num_samples=cfg.eval.num_samples,
         eval_chunk_size=cfg.eval.get("chunk_size"),
+        reparam_noise=cfg.get("reparam_noise", "torch"),
+        noise_seed=cfg.seed,
     )
 
 
@@ -101,8 +104,9 @@ def build_loggers(config: DictConfig | None) -> list[Any]:
 def build_trainer(
     config: DictConfig, callbacks: list[pl.Callback], loggers: list[Any]
 ) -> pl.Trainer:
-    """``cfg.trainer`` (``_target_: pytorch_lightning.Trainer`` plus options) → a Trainer."""
+    """``cfg.trainer`` (``_target_: pytorch_lightning.Trainer`` plus options) → a Trainer whose
+    DDP child processes re-run the current Hydra job (:mod:`lit_vae.distributed`)."""
     trainer: pl.Trainer = hydra.utils.instantiate(
         config, callbacks=callbacks, logger=loggers or False
     )
-    return trainer
+    return use_hydra_job_launcher(trainer)

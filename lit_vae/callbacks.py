@@ -83,7 +83,7 @@ class ImageGrids(pl.Callback):
         if datamodule is None:
             return None
         x = next(iter(datamodule.val_dataloader()))[0][: self.num_reconstructions]
-        return x.to(pl_module.device)
+        return x.to(device=pl_module.device, dtype=pl_module.dtype)
 
 
 def _square(size: int) -> bool:

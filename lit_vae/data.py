@@ -37,9 +37,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.distributions import MultivariateNormal
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from lit_vae.registry import Registry
+from lit_vae.sharding import GlobalBatchSampler
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -217,8 +218,8 @@ class EpochRandomSampler(RandomSampler):
     """A :class:`~torch.utils.data.RandomSampler` whose order is a function of ``(seed, epoch)``.
 
     Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed at an epoch
-    boundary sees the same order as an uninterrupted one. Under a distributed strategy Lightning
-    recognises it as a shuffling sampler and puts a shuffling ``DistributedSampler`` in its place.
+    boundary sees the same order as an uninterrupted one. Under a distributed strategy the data
+    modules shard its order with a :class:`~lit_vae.sharding.GlobalBatchSampler`.
     """
 
     def __init__(self, data_source: Sequence[Any] | Dataset[Any], seed: int) -> None:
@@ -338,8 +339,11 @@ class TensorDataModule(pl.LightningDataModule):
             for a Bernoulli likelihood; a value outside raises :class:`DataError` naming the file
             (or ``tensor``) and the range.
         seed: fixes the held-out splits and the training order.
-        batch_size: training batch size.
-        eval_batch_size: validation and test batch size.
+        batch_size: training batch size per process; under a distributed strategy the global
+            batch of every optimizer step holds ``batch_size × world_size`` items, the batch of
+            one process with that size, split between the processes.
+        eval_batch_size: validation and test batch size per process; evaluation sees every
+            item exactly once, however many processes share it.
         shuffle: reshuffle the training split every epoch (the order is fixed by ``seed`` and
             the epoch).
         drop_last: drop the last incomplete training batch.
@@ -520,12 +524,37 @@ class TensorDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochRandomSampler(dataset, self.seed) if train and self.shuffle else None,
-            drop_last=self.drop_last if train else False,
+            sampler=self._sampler(dataset, train),
+            drop_last=self.drop_last if train and self._world_size() == 1 else False,
             collate_fn=collate_as_is,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _world_size(self) -> int:
+        return int(getattr(self.trainer, "world_size", 1))
+
+    def _sampler(self, dataset: TensorPairDataset, train: bool) -> Sampler[int] | None:
+        """The order of one pass; under a distributed strategy, this process's shards of the
+        global batches (:class:`~lit_vae.sharding.GlobalBatchSampler`): the global batches are
+        the batches of one process with ``batch_size × world_size`` items."""
+        order = EpochRandomSampler(dataset, self.seed) if train and self.shuffle else None
+        world_size = self._world_size()
+        if world_size == 1:
+            return order
+        if not train and len(dataset) < world_size:
+            raise ValueError(
+                f"data: {len(dataset)} evaluation items cannot be shared by {world_size} "
+                "processes; every process needs at least one"
+            )
+        return GlobalBatchSampler(
+            order if order is not None else SequentialSampler(dataset),
+            self.batch_size if train else self.eval_batch_size,
+            num_replicas=world_size,
+            rank=int(getattr(self.trainer, "global_rank", 0)),
+            drop_last=self.drop_last if train else False,
+            even=train,
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:

@@ -12,7 +12,10 @@ With ``k`` samples per data point (``objective.num_samples``), ``recon`` is the 
 and ``loss`` is the objective's (``elbo``, or ``iwae``: the importance-weighted bound).
 
 Validation and test metrics are means over samples, exact across batches and DDP ranks
-(:class:`~lit_vae.metrics.PerSampleMean`).
+(:class:`~lit_vae.metrics.PerSampleMean`). Under data parallelism a training step's loss and
+logged ``train/*`` values are the means over the *global* batch however it was split between
+the processes (:mod:`lit_vae.sharding`), and under mixed precision the posterior, prior, KL and
+likelihood run in float32 (:mod:`lit_vae.precision`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
 from lit_vae.nets import DECODERS, ENCODERS, Decoder, Encoder
+from lit_vae.noise import NoiseKey, check_noise_source, decorrelate_processes, keyed_rsample
 from lit_vae.objectives import Objective, build_objective
 from lit_vae.optim import build_optimizer, build_scheduler
 from lit_vae.posteriors import POSTERIORS, PosteriorHead
+from lit_vae.precision import at_least_float32, full_precision
 from lit_vae.priors import PRIORS, Prior, VampPrior
 from lit_vae.regularizers import REGULARIZERS, Penalty, Regularizer
+from lit_vae.sharding import BatchShard, batch_shard
 
 __all__ = ["ElboTerms", "LitVAE"]
 
@@ -105,6 +111,10 @@ class LitVAE(pl.LightningModule):
         active_unit_threshold: a unit is active when ``Cov_x(E_q[z_u]) >`` this.
         init_output_bias: set the decoder's output bias from the training mean at fit start
             (logit of the mean pixel for Bernoulli, as in Burda et al. 2016).
+        reparam_noise: where the noise of ``z ~ q(z|x)`` comes from: ``torch`` (each process's
+            generator) or ``keyed`` (drawn per global batch, the same however many processes
+            share it; :mod:`lit_vae.noise`).
+        noise_seed: the seed of the ``keyed`` noise.
     """
 
     def __init__(
@@ -124,6 +134,8 @@ class LitVAE(pl.LightningModule):
         eval_chunk_size: int | None = None,
         active_unit_threshold: float = 0.01,
         init_output_bias: bool = True,
+        reparam_noise: str = "torch",
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
         hparams = _plain(
@@ -143,6 +155,8 @@ class LitVAE(pl.LightningModule):
                 "eval_chunk_size": eval_chunk_size,
                 "active_unit_threshold": active_unit_threshold,
                 "init_output_bias": init_output_bias,
+                "reparam_noise": reparam_noise,
+                "noise_seed": noise_seed,
             }
         )
         self.save_hyperparameters(hparams)
@@ -151,6 +165,8 @@ class LitVAE(pl.LightningModule):
         _check_int("eval.num_samples", eval_num_samples, 1)
         if eval_chunk_size is not None:
             _check_int("eval.chunk_size", eval_chunk_size, 1)
+        self.reparam_noise = check_noise_source(reparam_noise)
+        self.noise_seed = _check_int("noise_seed", noise_seed, 0)
 
         self.posterior: PosteriorHead = POSTERIORS.from_config(
             hparams["posterior"], "posterior", latent_dim=latent_dim
@@ -187,8 +203,18 @@ class LitVAE(pl.LightningModule):
     # ------------------------------------------------------------------ model API
 
     def encode(self, x: Tensor) -> Distribution:
-        """``x (batch, *data_shape)`` → ``q(z|x)``, batch ``(batch,)``, event ``(latent,)``."""
-        return self.posterior(self.encoder(x))
+        """``x (batch, *data_shape)`` → ``q(z|x)``, batch ``(batch,)``, event ``(latent,)``.
+
+        The head runs in float32 (or float64) even under autocast."""
+        return self._posterior_of(self._posterior_params(x))
+
+    def _posterior_params(self, x: Tensor) -> Tensor:
+        """The encoder's output for ``x``, at least float32: ``(batch, num_params)``."""
+        return at_least_float32(self.encoder(x))
+
+    def _posterior_of(self, params: Tensor) -> Distribution:
+        with full_precision(params.device):
+            return self.posterior(params)
 
     def decode(self, z: Tensor) -> Distribution:
         """``z (*, latent)`` → ``p(x|z)`` with event shape ``data_shape``."""
@@ -214,43 +240,71 @@ class LitVAE(pl.LightningModule):
         params = self.decoder(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
 
-    def elbo_terms(self, x: Tensor) -> ElboTerms:
+    def elbo_terms(self, x: Tensor, noise: NoiseKey | None = None) -> ElboTerms:
         """One reparameterized pass through the model for ``x (batch, *data_shape)``, with
-        ``objective.num_samples`` samples ``z`` per data point."""
-        q = self.encode(x)
-        z = q.rsample((self.objective.num_samples,))
+        ``objective.num_samples`` samples ``z`` per data point.
+
+        Args:
+            noise: draw ``z`` with the keyed noise of this global batch
+                (:func:`~lit_vae.noise.keyed_rsample`); ``None`` uses torch's generator.
+
+        The networks run in the ambient precision (autocast included); the posterior, prior,
+        ``z``, likelihood, regularizer and objective in float32 or wider.
+        """
+        sample_shape = (self.objective.num_samples,)
+        if noise is None:
+            q = self.encode(x)
+            with full_precision(x.device):
+                z = q.rsample(sample_shape)
+        else:
+            params = self._posterior_params(x)
+            q = self._posterior_of(params)
+            with full_precision(x.device):
+                z = keyed_rsample(self.posterior, params, noise, sample_shape)
         p = self.prior()
         recon = self.likelihood.nll(self.decoder(z), x)
-        penalty = self.regularizer(q, p, z, self.global_step)
-        loss = self.objective(recon, penalty, q, p, z)
+        with full_precision(x.device):
+            penalty = self.regularizer(q, p, z, self.global_step)
+            loss = self.objective(recon, penalty, q, p, z)
         return ElboTerms(recon.mean(0), penalty, q, p, z, loss)
 
     @torch.no_grad()
     def log_likelihood(
-        self, x: Tensor, num_samples: int = 1000, chunk_size: int | None = None
+        self,
+        x: Tensor,
+        num_samples: int = 1000,
+        chunk_size: int | None = None,
+        noise: NoiseKey | None = None,
     ) -> Tensor:
         """Importance-weighted estimate of ``log p(x)``, ``(batch,)``, in nats.
 
         ``log (1/k) Σ_i p(x, z_i) / q(z_i|x)`` with ``z_i ~ q(z|x)`` — the IWAE bound of
         Burda et al. (2016), a lower bound that tightens as ``k`` grows. Samples are drawn
         ``chunk_size`` at a time and combined with a running log-sum-exp, so memory stays
-        ``O(chunk_size · batch · data)`` for any ``k``.
+        ``O(chunk_size · batch · data)`` for any ``k``. With ``noise``, chunk ``i`` draws the
+        keyed noise ``noise.chunk(i)`` of the global batch, and the default chunk size follows
+        the global batch, so the estimate does not depend on how the batch was split.
         """
         _check_int("num_samples", num_samples, 1)
-        q = self.encode(x)
+        params = self._posterior_params(x) if noise is not None else None
+        q = self.encode(x) if params is None else self._posterior_of(params)
         p = self.prior()
         if chunk_size is None:
+            rows = x.shape[0] if noise is None else noise.shard.global_size
             per_sample = x[0].numel() + 4 * self.latent_dim
-            chunk_size = max(1, min(num_samples, 2**23 // max(1, x.shape[0] * per_sample)))
+            chunk_size = max(1, min(num_samples, 2**23 // max(1, rows * per_sample)))
         dtype = torch.promote_types(q.mean.dtype, torch.float32)  # float64 models stay float64
         total = torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
         for start in range(0, num_samples, chunk_size):
-            z = q.sample((min(chunk_size, num_samples - start),))
-            log_weight = (
-                -self.likelihood.nll(self.decoder(z), x).to(dtype)
-                + p.log_prob(z).to(dtype)
-                - q.log_prob(z).to(dtype)
-            )
+            shape = (min(chunk_size, num_samples - start),)
+            with full_precision(x.device):
+                if noise is None or params is None:
+                    z = q.sample(shape)
+                else:
+                    z = keyed_rsample(self.posterior, params, noise.chunk(start), shape)
+            recon = self.likelihood.nll(self.decoder(z), x)
+            with full_precision(x.device):
+                log_weight = -recon.to(dtype) + p.log_prob(z).to(dtype) - q.log_prob(z).to(dtype)
             total = torch.logaddexp(total, torch.logsumexp(log_weight, dim=0))
         return total - math.log(num_samples)
 
@@ -264,6 +318,9 @@ class LitVAE(pl.LightningModule):
             num_train = None
         if isinstance(num_train, int):
             self.regularizer.set_dataset_size(num_train)
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if stage == "fit" and distributed and self.reparam_noise == "torch":
+            decorrelate_processes(self.trainer.global_rank)
         if stage != "fit" or not self.hparams["init_output_bias"]:
             return
         train_mean = getattr(datamodule, "train_mean", None)
@@ -276,30 +333,52 @@ class LitVAE(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x = batch[0]
-        terms = self.elbo_terms(x)
+        shard = self._shard("train", batch_idx, x.shape[0])
+        terms = self.elbo_terms(x, self._noise_key("train", batch_idx, shard))
         recon, kl = terms.recon, terms.penalty.kl
-        loss = terms.loss.mean()
-        values = torch.stack([loss, recon.mean(), kl.mean(), -(recon + kl).mean()]).detach()
+        per_sample = torch.stack([terms.loss, recon, kl, -(recon + kl)], -1)
+        # This process's part of the global-batch mean, times the number of processes: DDP
+        # averages the gradients, and sync_dist the logged values, over the processes, which
+        # gives the global-batch mean however the batch was split.
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        values = per_sample.sum(0) * (world_size / shard.global_size)
+        loss = values[0]
         self.log_dict(
-            {f"train/{name}": value for name, value in zip(EVAL_TERMS, values)},
+            {f"train/{name}": value for name, value in zip(EVAL_TERMS, values.detach())},
             on_step=True,
             on_epoch=True,
             sync_dist=True,
-            batch_size=x.shape[0],
+            batch_size=shard.global_size,
         )
         for name, value in terms.penalty.logs.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
-    def _eval_values(self, x: Tensor) -> tuple[Tensor, Distribution, Distribution]:
+    def _shard(self, stage: str, batch_idx: int, size: int) -> BatchShard:
+        """Where this batch sits in its global batch (:func:`~lit_vae.sharding.batch_shard`)."""
+        if self._trainer is None:
+            return BatchShard(0, size, size)
+        return batch_shard(self.trainer, stage, batch_idx, size)
+
+    def _noise_key(self, stage: str, batch_idx: int, shard: BatchShard) -> NoiseKey | None:
+        if self.reparam_noise != "keyed":
+            return None
+        epoch = self.current_epoch if stage != "test" else 0
+        return NoiseKey.of(self.noise_seed, stage, epoch, batch_idx, shard)
+
+    def _eval_values(
+        self, x: Tensor, noise: NoiseKey | None = None
+    ) -> tuple[Tensor, Distribution, Distribution]:
         """Per-sample ``[loss, recon, kl, elbo]`` as ``(batch, 4)``, with ``q`` and ``p``."""
-        terms = self.elbo_terms(x)
+        terms = self.elbo_terms(x, noise)
         recon, kl = terms.recon, terms.penalty.kl
         per_sample = torch.stack([terms.loss, recon, kl, -(recon + kl)], dim=-1)
         return per_sample, terms.q, terms.p
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        per_sample, q, p = self._eval_values(batch[0])
+        x = batch[0]
+        noise = self._noise_key("val", batch_idx, self._shard("val", batch_idx, x.shape[0]))
+        per_sample, q, p = self._eval_values(x, noise)
         per_dim = self._kl_per_dim(q, p, per_sample.shape[0])
         self.val_metrics.update(torch.cat([per_sample, per_dim], dim=-1))
 
@@ -311,14 +390,16 @@ class LitVAE(pl.LightningModule):
             offset = len(EVAL_TERMS)
             logs.update({f"kl_dim/{j}": mean[offset + j] for j in range(self.latent_dim)})
         elbo = logs.pop("val/elbo")
-        self.log("val/elbo", elbo.float(), prog_bar=True)
-        self.log_dict({k: v.float() for k, v in logs.items()})
+        # already reduced over the processes: sync_dist averages identical values
+        self.log("val/elbo", elbo.float(), prog_bar=True, sync_dist=True)
+        self.log_dict({k: v.float() for k, v in logs.items()}, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x = batch[0]
-        per_sample, q, _ = self._eval_values(x)
+        noise = self._noise_key("test", batch_idx, self._shard("test", batch_idx, x.shape[0]))
+        per_sample, q, _ = self._eval_values(x, noise)
         nll = -self.log_likelihood(
-            x, self.hparams["eval_num_samples"], self.hparams["eval_chunk_size"]
+            x, self.hparams["eval_num_samples"], self.hparams["eval_chunk_size"], noise
         )
         self.test_metrics.update(torch.cat([per_sample, nll.unsqueeze(-1), q.mean], dim=-1))
 
@@ -332,7 +413,7 @@ class LitVAE(pl.LightningModule):
             mean[offset + 1 :], mean_squares[offset + 1 :], self.hparams["active_unit_threshold"]
         )
         logs["test/active_units"] = active.sum().to(mean.dtype)
-        self.log_dict({k: v.float() for k, v in logs.items()})
+        self.log_dict({k: v.float() for k, v in logs.items()}, sync_dist=True)
 
     def _check_combination(self) -> None:
         """Regularizer, objective, head and prior that cannot work together raise here."""

@@ -24,6 +24,7 @@ from lit_vae.build import (
     build_trainer,
     quiet_lightning_advice,
 )
+from lit_vae.slurm import resume_path
 from lit_vae.tracking import describe_run, finish_tracking
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; write ``results.json``; return the metrics."""
+    """Fit (a requeued SLURM job resumes from its ``last.ckpt``), then test the best checkpoint;
+    write ``results.json``; return the metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -57,7 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers)
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _float_metrics(trainer, ("val/",))
     if cfg.get("test", True):
         trainer.test(
