@@ -70,6 +70,7 @@ def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
         scheduler=_container(cfg.get("scheduler")),
         eval_num_samples=cfg.eval.num_samples,
         eval_chunk_size=cfg.eval.get("chunk_size"),
+        nan_policy=cfg.get("nan_policy", "raise"),
     )
 
 

@@ -40,6 +40,7 @@ from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lit_vae.registry import Registry
+from lit_vae.resume import ResumableDataLoader
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -83,6 +84,7 @@ _BINARIZE_STREAM = 2
 _DYNAMIC_STREAM = 3
 _PPCA_PARAMS_STREAM = 4
 _PPCA_SAMPLES_STREAM = 5
+_LOADER_STREAM = 6
 
 
 class DataError(ValueError):
@@ -515,9 +517,12 @@ class TensorDataModule(pl.LightningDataModule):
         return x.mean(dim=0, dtype=torch.float64).to(torch.float32)
 
     def _loader(self, split: str, train: bool) -> DataLoader[Batch]:
+        """The training loader resumes mid-pass (:class:`~lit_vae.resume.ResumableDataLoader`);
+        every loader has its own generator, so making one never draws from the global RNG."""
         x, y = self.split(split)
         dataset = TensorPairDataset(x, y)
-        return DataLoader(
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=EpochRandomSampler(dataset, self.seed) if train and self.shuffle else None,
@@ -526,6 +531,7 @@ class TensorDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=seeded_generator(self.seed, _LOADER_STREAM, SPLITS.index(split)),
         )
 
     def train_dataloader(self) -> DataLoader[Batch]:

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_vae.build import build_datamodule, build_trainer, quiet_lightning_advice
 from lit_vae.checkpoints import load_checkpoint, model_from_checkpoint
+from lit_vae.errors import run_cli
 from lit_vae.images import save_grid
+from lit_vae.validation import config_errors, validate_eval_config
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,12 @@ MODES = ("test", "sample")
 
 def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     """Run ``cfg.mode`` on ``cfg.ckpt_path``: the metrics dict (test) or the PNG path (sample)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r}: allowed: {', '.join(MODES)}")
+    validate_eval_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = Path(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(checkpoint)
+    with config_errors("ckpt_path"):
+        model = model_from_checkpoint(checkpoint)
     model.eval()
 
     if cfg.mode == "sample":
@@ -52,8 +54,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
         )
     data_config = OmegaConf.merge(OmegaConf.create(dict(stored)), cfg.get("data") or {})
     assert isinstance(data_config, DictConfig)
-    datamodule = build_datamodule(data_config)
-    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
+    with config_errors("data"):
+        datamodule = build_datamodule(data_config)
+    with config_errors("trainer"):
+        trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {
         key: float(value)
@@ -72,7 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
 def main(cfg: DictConfig) -> None:
     """Console entry point."""
     quiet_lightning_advice()
-    evaluate(cfg)
+    run_cli(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
+from lit_vae.guards import NonFiniteLossError, check_nan_policy, describe_non_finite
 from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
@@ -96,6 +97,9 @@ class LitVAE(pl.LightningModule):
         active_unit_threshold: a unit is active when ``Cov_x(E_q[z_u]) >`` this.
         init_output_bias: set the decoder's output bias from the training mean at fit start
             (logit of the mean pixel for Bernoulli, as in Burda et al. 2016).
+        nan_policy: ``raise`` stops at a non-finite loss or gradient, naming the terms, the step
+            and the batch; ``skip`` skips the batch and counts it in ``train/skipped_batches``
+            (:mod:`lit_vae.guards`).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class LitVAE(pl.LightningModule):
         eval_chunk_size: int | None = None,
         active_unit_threshold: float = 0.01,
         init_output_bias: bool = True,
+        nan_policy: str = "raise",
     ) -> None:
         super().__init__()
         hparams = _plain(
@@ -132,6 +137,7 @@ class LitVAE(pl.LightningModule):
                 "eval_chunk_size": eval_chunk_size,
                 "active_unit_threshold": active_unit_threshold,
                 "init_output_bias": init_output_bias,
+                "nan_policy": nan_policy,
             }
         )
         self.save_hyperparameters(hparams)
@@ -140,6 +146,8 @@ class LitVAE(pl.LightningModule):
         _check_int("eval.num_samples", eval_num_samples, 1)
         if eval_chunk_size is not None:
             _check_int("eval.chunk_size", eval_chunk_size, 1)
+        self.nan_policy = check_nan_policy(nan_policy)
+        self.skipped_batches = 0
 
         self.posterior: PosteriorHead = POSTERIORS.from_config(
             hparams["posterior"], "posterior", latent_dim=latent_dim
@@ -251,11 +259,14 @@ class LitVAE(pl.LightningModule):
             if bias is not None:
                 init(bias)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x = batch[0]
         terms = self.elbo_terms(x)
         recon, kl = terms.recon, terms.penalty.kl
         loss = (recon + terms.penalty.penalty).mean()
+        if self._any_rank_non_finite(loss):
+            self._non_finite_loss(terms, loss, batch_idx)
+            return None
         values = torch.stack([loss, recon.mean(), kl.mean(), -(recon + kl).mean()]).detach()
         self.log_dict(
             {f"train/{name}": value for name, value in zip(EVAL_TERMS, values)},
@@ -266,7 +277,88 @@ class LitVAE(pl.LightningModule):
         )
         for name, value in terms.penalty.logs.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self._log_skipped(x.shape[0])
         return loss
+
+    # ------------------------------------------------------------------ numerical guards
+
+    def _any_rank_non_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is NaN or infinite on this process or any other (one sync)."""
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is None:
+            return non_finite
+        return bool(self.trainer.strategy.reduce_boolean_decision(non_finite, all=False))
+
+    def _where(self, batch_idx: int) -> str:
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        return f"global step {self.global_step} (epoch {epoch}, batch {batch_idx})"
+
+    def _non_finite_loss(self, terms: ElboTerms, loss: Tensor, batch_idx: int) -> None:
+        """Raise :class:`NonFiniteLossError` or count the skipped batch, per ``nan_policy``."""
+        if self.nan_policy == "skip":
+            self.skipped_batches += 1
+            self._log_skipped(terms.recon.shape[0])
+            return
+        name = REGULARIZERS.name_of(self.regularizer) or type(self.regularizer).__name__
+        penalty = terms.penalty
+        described = describe_non_finite(
+            {"recon": terms.recon, "kl": penalty.kl, f"penalty ({name})": penalty.penalty}
+        )
+        if not described:
+            described = (
+                f"loss ({float(loss)}: every per-sample term is finite, their batch mean is not)"
+                if not bool(torch.isfinite(loss))
+                else "loss (finite here, non-finite on another process)"
+            )
+        raise NonFiniteLossError(
+            f"non-finite training loss at {self._where(batch_idx)}: {described}; "
+            "stopped before the optimizer step, no checkpoint was written over the last good one "
+            "(nan_policy=skip skips such batches)"
+        )
+
+    def _log_skipped(self, batch_size: int) -> None:
+        if self.nan_policy == "skip":
+            self.log(
+                "train/skipped_batches",
+                float(self.skipped_batches),
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop (``raise``) or drop the update (``skip``) when a gradient is NaN or infinite.
+
+        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        norms = torch._foreach_norm([g for _, g in named])
+        finite = torch.isfinite(torch.stack(norms))
+        if bool(finite.all()):
+            return
+        if self.nan_policy == "skip":
+            self.skipped_batches += 1
+            for parameter in self.parameters():
+                parameter.grad = None
+            return
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        batch_idx = self.trainer.fit_loop.epoch_loop.batch_idx
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteLossError(
+            f"non-finite gradient at {self._where(batch_idx)} with a finite loss: {shown}; "
+            "stopped before the optimizer step, no checkpoint was written over the last good one "
+            "(nan_policy=skip skips such batches)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def _eval_values(self, x: Tensor) -> tuple[Tensor, Distribution, Distribution]:
         """Per-sample ``[loss, recon, kl, elbo]`` as ``(batch, 4)``, with ``q`` and ``p``."""

@@ -3,6 +3,10 @@
 lit-vae-train                                   # digits, log_var head, 2-D latent
 lit-vae-train posterior=cholesky latent_dim=8
 lit-vae-train -m posterior=log_var,log_std,std,var
+lit-vae-train hydra.run.dir=<run dir> ckpt_path=last     # resume a stopped run
+
+The config is validated before anything is built; a bad value, bad data or an unusable
+checkpoint stops the run with one ``error: ...`` line (:mod:`lit_vae.errors`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from lit_vae.build import (
     build_trainer,
     quiet_lightning_advice,
 )
+from lit_vae.checkpoints import load_checkpoint
+from lit_vae.errors import run_cli
+from lit_vae.resume import resolve_ckpt_path
+from lit_vae.validation import config_errors, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +52,53 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return path or None
 
 
+def _checkpoint_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """Where ``last.ckpt`` goes: the ``last_checkpoint`` callback's ``dirpath``, by default
+    ``<run dir>/checkpoints``."""
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
+    return Path(last.get("dirpath") or output_dir / "checkpoints")
+
+
+def _load_data(datamodule: pl.LightningDataModule) -> None:
+    """Read lit-vae's in-memory splits now, so bad data stops the run before training."""
+    split = getattr(datamodule, "split", None)
+    if callable(split):
+        split("train")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; write ``results.json``; return the metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
+    """Validate, fit (resuming from ``ckpt_path``), then test the best checkpoint; write
+    ``results.json``; return the metrics."""
+    validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _checkpoint_dir(cfg, output_dir))
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path, mmap=True)  # refuses a checkpoint that needs pickle
+    pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg.data)
-    model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
-    trainer = build_trainer(
-        cfg.trainer, build_callbacks(cfg.get("callbacks")), build_loggers(cfg.get("logger"))
-    )
+    with config_errors("data"):
+        datamodule = build_datamodule(cfg.data)
+        _load_data(datamodule)
+    with config_errors():
+        model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
+    with config_errors("callbacks"):
+        callbacks = build_callbacks(cfg.get("callbacks"))
+    with config_errors("logger"):
+        loggers = build_loggers(cfg.get("logger"))
+    with config_errors("trainer"):
+        trainer = build_trainer(cfg.trainer, callbacks, loggers)
 
-    if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit = cfg.get("train", True)
+    if fit:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _float_metrics(trainer, ("val/",))
     if cfg.get("test", True):
         trainer.test(
-            model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer), verbose=False
+            model,
+            datamodule=datamodule,
+            ckpt_path=_best_checkpoint(trainer) if fit else ckpt_path,
+            verbose=False,
+            weights_only=True,
         )
         metrics.update(_float_metrics(trainer, ("test/",)))
 
@@ -91,7 +129,7 @@ def _report(output_dir: Path, metrics: dict[str, Any]) -> None:
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
     quiet_lightning_advice()
-    metrics = train(cfg)
+    metrics = run_cli(train, cfg)
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
 
