@@ -30,7 +30,8 @@ MODES = ("test", "sample")
 def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     """Run ``cfg.mode`` on ``cfg.ckpt_path``: the metrics dict (test) or the PNG path (sample)."""
     validate_eval_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed %d", cfg.seed)
     ckpt_path = Path(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
     with config_errors("ckpt_path"):

@@ -14,12 +14,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["NAN_POLICIES", "NonFiniteLossError", "check_nan_policy", "describe_non_finite"]
+__all__ = [
+    "NAN_POLICIES",
+    "NonFiniteLossError",
+    "check_nan_policy",
+    "describe_non_finite",
+    "non_finite_names",
+]
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -33,6 +39,19 @@ def check_nan_policy(value: object) -> str:
     if value not in NAN_POLICIES:
         raise ValueError(f"nan_policy={value!r}: allowed: {', '.join(NAN_POLICIES)}")
     return str(value)
+
+
+def non_finite_names(named: Iterable[tuple[str, Tensor | None]]) -> list[str]:
+    """The names whose tensor holds a NaN or an infinity (``None`` tensors are skipped); one
+    host sync for all of them."""
+    present = [(name, t.detach()) for name, t in named if t is not None]
+    if not present:
+        return []
+    norms = torch._foreach_norm([t.float() if not t.is_floating_point() else t for _, t in present])
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(present, finite.tolist()) if not ok]
 
 
 def _first_bad(values: Tensor) -> str:

@@ -23,7 +23,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from lit_vae.guards import NonFiniteLossError, check_nan_policy, describe_non_finite
+from lit_vae.guards import (
+    NonFiniteLossError,
+    check_nan_policy,
+    describe_non_finite,
+    non_finite_names,
+)
 from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
@@ -333,19 +338,14 @@ class LitVAE(pl.LightningModule):
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        norms = torch._foreach_norm([g for _, g in named])
-        finite = torch.isfinite(torch.stack(norms))
-        if bool(finite.all()):
+        bad = non_finite_names((n, p.grad) for n, p in self.named_parameters())
+        if not bad:
             return
         if self.nan_policy == "skip":
             self.skipped_batches += 1
             for parameter in self.parameters():
                 parameter.grad = None
             return
-        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
         batch_idx = self.trainer.fit_loop.epoch_loop.batch_idx
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise NonFiniteLossError(

@@ -264,7 +264,10 @@ class LowRankHead(PosteriorHead):
 
     ``h = [loc (d), cov_factor (d·rank), raw diagonal (d)]``;
     ``D = softplus(raw + log(e−1)) + min_var`` (``exp`` available as ``diag_activation``), so
-    ``Σ = I`` at zero raw output. Numerical floor: ``D ≥ min_var`` (default 1e−8).
+    ``Σ = I`` at zero raw output. Numerical floor: ``D ≥ min_var`` (default 1e−8). The factor is
+    not bounded: columns that are parallel and far larger than ``√D`` make torch's capacitance
+    matrix ``I + Wᵀ D⁻¹ W`` singular in float32, and its Cholesky factorization fails; a larger
+    ``min_var`` bounds that matrix's condition number.
     """
 
     factorized = False

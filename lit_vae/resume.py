@@ -32,6 +32,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lit_vae.guards import NonFiniteLossError, non_finite_names
+
 __all__ = [
     "LAST_CHECKPOINT",
     "LastCheckpoint",
@@ -291,8 +293,23 @@ class LastCheckpoint(pl.Callback):
             self._stop(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt``, unless a weight is NaN or infinite: then the last good one stays
+        and the run stops with :class:`~lit_vae.guards.NonFiniteLossError`."""
         if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
+        bad = non_finite_names(trainer.lightning_module.named_parameters())
+        if bad:
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            kept = (
+                f"{self.path} was not overwritten and holds the last finite ones"
+                if self.path.exists()
+                else "no checkpoint was written"
+            )
+            where = (
+                f"global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {trainer.fit_loop.epoch_loop.batch_idx})"
+            )
+            raise NonFiniteLossError(f"non-finite weights after {where}: {shown}; {kept}")
         trainer.save_checkpoint(self.path, weights_only=False)
 
     def _stop(self, trainer: pl.Trainer) -> None:

@@ -74,7 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _checkpoint_dir(cfg, output_dir))
     if ckpt_path is not None:
         load_checkpoint(ckpt_path, mmap=True)  # refuses a checkpoint that needs pickle
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed %d", cfg.seed)
 
     with config_errors("data"):
         datamodule = build_datamodule(cfg.data)
