@@ -677,8 +677,23 @@ def check_mnist_files(root: str | os.PathLike[str]) -> dict[str, Path]:
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
         where = str(directory) + ("" if directory.is_dir() else " (no such directory)")
-        raise DataError(f"MNIST directory {where} lacks: {', '.join(missing)}")
+        raise DataError(
+            f"MNIST directory {where} lacks: {', '.join(missing)}{_layout_hint(directory)}"
+        )
     return paths
+
+
+def _layout_hint(directory: Path) -> str:
+    """A hint for a root that holds the MNIST files in the wrong place or form."""
+    if not directory.is_dir():
+        return ""
+    names = list(MNIST_FILES.values())
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if all((sub / name).is_file() for name in names):
+            return f"; they are in {sub}: set data.root={sub}"
+    if any((directory / name.removesuffix(".gz")).is_file() for name in names):
+        return "; found uncompressed IDX files: lit-vae reads the official .gz files"
+    return ""
 
 
 def load_mnist(root: str | os.PathLike[str]) -> dict[str, Batch]:

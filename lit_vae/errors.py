@@ -1,4 +1,4 @@
-"""How the command-line tools stop on a user's mistake: one line on stderr, no traceback.
+"""How the command-line tools stop: one line on stderr, no traceback, an exit status.
 
 :func:`run_cli` runs ``lit-vae-train`` / ``lit-vae-eval``'s work and turns the errors a user can
 fix (a bad config value, bad data, an unusable checkpoint, a diverged run) into
@@ -9,58 +9,75 @@ on stderr and an exit status (:data:`EXIT_USAGE`, :data:`EXIT_DIVERGED`); a run 
 preemption signal prints ``stopped: ...`` and exits with ``128 + signal``, the shell's convention
 for a process ended by that signal. ``HYDRA_FULL_ERROR=1`` re-raises instead, so Hydra prints the
 full traceback.
+
+This module imports neither torch nor Lightning, so the entry points can report a bad config
+before loading them.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_vae.guards import NonFiniteLossError
-from lit_vae.resume import PreemptedError
 from lit_vae.validation import one_line
 
-__all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "run_cli"]
-
-log = logging.getLogger(__name__)
+__all__ = ["EXIT_DIVERGED", "EXIT_USAGE", "NonFiniteLossError", "PreemptedError", "run_cli"]
 
 EXIT_USAGE = 2
 """Exit status for a bad config, bad data or an unusable checkpoint."""
 EXIT_DIVERGED = 1
-"""Exit status for a training run stopped by a non-finite loss or gradient."""
+"""Exit status for a training run stopped by a non-finite loss, gradient or weight."""
 
 T = TypeVar("T")
 
 
-def _fail(prefix: str, err: BaseException, status: int) -> NoReturn:
-    line = f"{prefix}: {one_line(err)}"
-    log.error(line)
-    print(line, file=sys.stderr, flush=True)
+class NonFiniteLossError(FloatingPointError):
+    """A training loss, gradient or weight that is NaN or infinite; the message names the
+    terms, the step and the batch (:mod:`lit_vae.guards`)."""
+
+
+class PreemptedError(Exception):
+    """Training stopped on a signal after writing ``path``; the run resumes from it
+    (:class:`lit_vae.resume.LastCheckpoint`)."""
+
+    def __init__(self, signum: int, global_step: int, path: Path) -> None:
+        self.signum = signum
+        self.global_step = global_step
+        self.path = path
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: saved {path} at global step {global_step}")
+
+
+def _is_misconfiguration(err: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException``, without importing Lightning to find out."""
+    module = sys.modules.get("lightning_fabric.utilities.exceptions")
+    exception = getattr(module, "MisconfigurationException", None)
+    return exception is not None and isinstance(err, exception)
+
+
+def _fail(err: BaseException, status: int) -> NoReturn:
+    print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
 def run_cli(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)``, with user errors reported as one line and an exit status."""
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         return function(*args)
     except PreemptedError as stop:
-        message = f"{stop}; resume with ckpt_path={stop.path}"
-        log.warning("stopped: %s", message)
-        print(f"stopped: {message}", file=sys.stderr, flush=True)
+        print(f"stopped: {stop}; resume with ckpt_path={stop.path}", file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
-    except NonFiniteLossError as err:
-        if full:
+    except Exception as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        _fail("error", err, EXIT_DIVERGED)
-    except (ValueError, MisconfigurationException, OmegaConfBaseException) as err:
-        if full:
-            raise
-        _fail("error", err, EXIT_USAGE)
+        if isinstance(err, NonFiniteLossError):
+            _fail(err, EXIT_DIVERGED)
+        if isinstance(err, ValueError | OmegaConfBaseException) or _is_misconfiguration(err):
+            _fail(err, EXIT_USAGE)
+        raise

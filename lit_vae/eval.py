@@ -10,21 +10,19 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vae.build import build_datamodule, build_trainer, quiet_lightning_advice
+from lit_vae.build import build_datamodule, build_trainer
 from lit_vae.checkpoints import load_checkpoint, model_from_checkpoint
-from lit_vae.errors import run_cli
 from lit_vae.images import save_grid
-from lit_vae.validation import config_errors, validate_eval_config
+from lit_vae.validation import EVAL_MODES, config_errors, validate_eval_config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "main"]
 
-MODES = ("test", "sample")
+MODES = EVAL_MODES
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
@@ -73,11 +71,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """Console entry point."""
-    quiet_lightning_advice()
-    run_cli(evaluate, cfg)
+def main() -> None:
+    """``python -m lit_vae.eval``: the same as ``lit-vae-eval`` (:mod:`lit_vae.cli`)."""
+    from lit_vae.cli import eval_main
+
+    eval_main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from lit_vae.errors import NonFiniteLossError
+from lit_vae.validation import NAN_POLICIES
+
 __all__ = [
     "NAN_POLICIES",
     "NonFiniteLossError",
@@ -26,12 +29,6 @@ __all__ = [
     "describe_non_finite",
     "non_finite_names",
 ]
-
-NAN_POLICIES = ("raise", "skip")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training loss that is NaN or infinite; the message names the terms, step and batch."""
 
 
 def check_nan_policy(value: object) -> str:

@@ -32,7 +32,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lit_vae.guards import NonFiniteLossError, non_finite_names
+from lit_vae.errors import NonFiniteLossError, PreemptedError
+from lit_vae.guards import non_finite_names
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -164,17 +165,6 @@ class RNGState(pl.Callback):
 
 # --------------------------------------------------------------------------------------------
 # last.ckpt: periodic, at epoch ends, and on preemption signals.
-
-
-class PreemptedError(Exception):
-    """Training stopped on a signal after writing ``path``; the run resumes from it."""
-
-    def __init__(self, signum: int, global_step: int, path: Path) -> None:
-        self.signum = signum
-        self.global_step = global_step
-        self.path = path
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: saved {path} at global step {global_step}")
 
 
 def _positive_int_or_none(key: str, value: object) -> int | None:

@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
@@ -26,10 +25,8 @@ from lit_vae.build import (
     build_loggers,
     build_model,
     build_trainer,
-    quiet_lightning_advice,
 )
 from lit_vae.checkpoints import load_checkpoint
-from lit_vae.errors import run_cli
 from lit_vae.resume import resolve_ckpt_path
 from lit_vae.validation import config_errors, validate_train_config
 
@@ -126,13 +123,11 @@ def _report(output_dir: Path, metrics: dict[str, Any]) -> None:
             console.print(f"  {name:<22} {output_dir / name}")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers."""
-    quiet_lightning_advice()
-    metrics = run_cli(train, cfg)
-    metric_name = cfg.get("optimized_metric")
-    return metrics.get(metric_name) if metric_name else None
+def main() -> None:
+    """``python -m lit_vae.train``: the same as ``lit-vae-train`` (:mod:`lit_vae.cli`)."""
+    from lit_vae.cli import train_main
+
+    train_main()
 
 
 if __name__ == "__main__":

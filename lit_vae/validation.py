@@ -10,7 +10,8 @@ what is allowed::
 
 The checks come in three layers:
 
-1. the top-level keys, the trainer's numbers and the devices the machine has: rules here;
+1. the top-level keys, the trainer's and optimizer's numbers and the devices the machine has:
+   rules here, checked before torch or Lightning is imported;
 2. every config group built by name or ``_target_`` (``data``, ``model.encoder``,
    ``model.decoder``, ``posterior``, ``prior``, ``likelihood``, ``regularizer``, ``optimizer``,
    ``scheduler``, ``callbacks.*``, ``logger.*``): the entry must exist, every option must be a
@@ -28,6 +29,7 @@ import difflib
 import inspect
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -39,6 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
+    "EVAL_MODES",
+    "NAN_POLICIES",
     "ConfigError",
     "check_options",
     "config_errors",
@@ -46,6 +50,12 @@ __all__ = [
     "validate_eval_config",
     "validate_train_config",
 ]
+
+
+NAN_POLICIES = ("raise", "skip")
+"""``nan_policy`` values: stop at a non-finite loss, or skip the batch (:mod:`lit_vae.guards`)."""
+EVAL_MODES = ("test", "sample")
+"""``lit-vae-eval`` modes."""
 
 
 class ConfigError(ValueError):
@@ -177,7 +187,11 @@ def _type_name(hint: Any) -> str | None:
     if origin is typing.Literal:
         return "one of " + ", ".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        names = [n for n in (_type_name(a) for a in args) if n is not None]
+        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in a.__args__]
+        others = [a for a in args if typing.get_origin(a) is not typing.Literal]
+        names = [n for n in (_type_name(a) for a in others) if n is not None]
+        if literals:
+            names.insert(0, "one of " + ", ".join(dict.fromkeys(str(v) for v in literals)))
         return " or ".join(dict.fromkeys(names)) if names else None
     if origin in (list, tuple, collections.abc.Sequence):
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -431,14 +445,14 @@ def _cpu_count() -> int:
 
 def _available_devices(accelerator: str) -> tuple[int, str] | None:
     """How many devices ``accelerator`` has here, and their name; ``None``: not checked."""
-    import torch
-
     if accelerator == "cpu":
         return _cpu_count(), "CPU cores"
-    if accelerator in ("gpu", "cuda"):
+    if accelerator in ("gpu", "cuda", "mps"):
+        import torch
+
+        if accelerator == "mps":
+            return (1 if torch.backends.mps.is_available() else 0), "MPS devices"
         return torch.cuda.device_count(), "CUDA GPUs"
-    if accelerator == "mps":
-        return (1 if torch.backends.mps.is_available() else 0), "MPS devices"
     return None
 
 
@@ -479,19 +493,36 @@ def check_devices(trainer: Mapping[str, Any]) -> None:
     raise ConfigError(f"trainer.devices={devices!r}: {allowed}")
 
 
-def check_trainer(trainer: Any) -> None:
-    """Options, types, ranges and devices of ``cfg.trainer``."""
+def check_trainer_values(trainer: Any) -> None:
+    """The numbers and choices of ``cfg.trainer`` and the devices it asks for."""
     if not isinstance(trainer, Mapping) or "_target_" not in trainer:
         raise ConfigError("trainer: needs a _target_ (pytorch_lightning.Trainer) and its options")
-    check_group("trainer", trainer, None, exclude=("callbacks", "logger", "plugins", "profiler"))
     for option, rule in TRAINER_RULES.items():
         if option in trainer:
             _check(f"trainer.{option}", trainer[option], rule)
     check_devices(trainer)
 
 
+def check_trainer_options(trainer: Mapping[str, Any]) -> None:
+    """Every option of ``cfg.trainer`` must be a parameter of its ``_target_`` (imports it)."""
+    check_group("trainer", trainer, None, exclude=("callbacks", "logger", "plugins", "profiler"))
+
+
 # --------------------------------------------------------------------------------------------
 # Optimizer and scheduler.
+
+DATA_RULES: dict[str, Check] = {
+    "batch_size": int_at_least(1),
+    "eval_batch_size": int_at_least(1),
+    "num_workers": int_at_least(0),
+    "seed": int_at_least(0),
+    "shuffle": boolean,
+    "drop_last": boolean,
+    "pin_memory": boolean,
+    "on_device": boolean,
+}
+"""The loader options every lit-vae data module takes (``LoaderOptions``), checked before the
+data module is imported; the data modules check all their options again when built."""
 
 OPTIMIZER_RULES: dict[str, Check] = {
     "lr": number_in(0.0, low_open=True),
@@ -510,14 +541,10 @@ SCHEDULER_RULES: dict[str, dict[str, Check]] = {
 }
 
 
-def check_optimization(optimizer: Any, scheduler: Any) -> None:
-    """Check ``optimizer`` and ``scheduler``, then build both once on a throwaway parameter
-    (Lightning builds them only when fitting starts)."""
-    import torch
-
-    from lit_vae.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
-
-    check_group("optimizer", optimizer, OPTIMIZERS)
+def check_optimization_values(optimizer: Any, scheduler: Any) -> None:
+    """The numbers of ``optimizer`` and ``scheduler`` that lit-vae knows the ranges of."""
+    if not isinstance(optimizer, Mapping):
+        raise ConfigError(f"optimizer={optimizer!r}: must be a mapping with 'name' or '_target_'")
     for option, rule in OPTIMIZER_RULES.items():
         if option in optimizer:
             _check(f"optimizer.{option}", optimizer[option], rule)
@@ -529,11 +556,25 @@ def check_optimization(optimizer: Any, scheduler: Any) -> None:
     ):
         raise ConfigError(f"optimizer.betas={betas!r}: must be two numbers in [0, 1)")
     if scheduler:
-        check_group("scheduler", scheduler, SCHEDULERS, exclude=("interval",))
+        if not isinstance(scheduler, Mapping):
+            raise ConfigError(f"scheduler={scheduler!r}: must be null or a mapping with 'name'")
         _check("scheduler.interval", scheduler.get("interval", "epoch"), choice("step", "epoch"))
         for option, rule in SCHEDULER_RULES.get(str(scheduler.get("name")), {}).items():
             if option in scheduler:
                 _check(f"scheduler.{option}", scheduler[option], rule)
+
+
+def check_optimization(optimizer: Any, scheduler: Any) -> None:
+    """Check ``optimizer`` and ``scheduler`` against their constructors, then build both once
+    on a throwaway parameter (Lightning builds them only when fitting starts)."""
+    import torch
+
+    from lit_vae.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
+
+    check_optimization_values(optimizer, scheduler)
+    check_group("optimizer", optimizer, OPTIMIZERS)
+    if scheduler:
+        check_group("scheduler", scheduler, SCHEDULERS, exclude=("interval",))
     parameter = torch.nn.Parameter(torch.zeros(1))
     with config_errors("optimizer"):
         built = build_optimizer([parameter], optimizer)
@@ -544,8 +585,7 @@ def check_optimization(optimizer: Any, scheduler: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # Whole configs.
 
-GROUPS = (
-    ("data", "data"),
+MODEL_GROUPS = (
     ("model.encoder", "encoder"),
     ("model.decoder", "decoder"),
     ("posterior", "posterior"),
@@ -555,8 +595,8 @@ GROUPS = (
 )
 
 
-def _registries() -> dict[str, Any]:
-    from lit_vae.data import DATAMODULES
+def _model_registries() -> dict[str, Any]:
+    """The registries of the model's parts (imports torch, not Lightning)."""
     from lit_vae.likelihoods import LIKELIHOODS
     from lit_vae.nets import DECODERS, ENCODERS
     from lit_vae.posteriors import POSTERIORS
@@ -564,7 +604,6 @@ def _registries() -> dict[str, Any]:
     from lit_vae.regularizers import REGULARIZERS
 
     return {
-        "data": DATAMODULES,
         "encoder": ENCODERS,
         "decoder": DECODERS,
         "posterior": POSTERIORS,
@@ -594,18 +633,21 @@ def _check_instantiated(group: str, config: Any) -> None:
             check_group(f"{group}.{name}", entry, None)
 
 
-def _check_common(config: Mapping[str, Any]) -> None:
+def _check_common_values(config: Mapping[str, Any]) -> None:
     _check("seed", config.get("seed"), int_at_least(0, maximum=2**32 - 1))
     evaluation = config.get("eval") or {}
     _check("eval.num_samples", evaluation.get("num_samples", 1000), int_at_least(1))
     _check("eval.chunk_size", evaluation.get("chunk_size"), int_at_least(1, optional=True))
-    check_trainer(config.get("trainer"))
+    check_trainer_values(config.get("trainer"))
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Check the whole ``lit-vae-train`` config; raise :class:`ConfigError` on the first problem."""
-    from lit_vae.guards import NAN_POLICIES
+    """Check the whole ``lit-vae-train`` config; raise :class:`ConfigError` on the first problem.
 
+    Cheapest first: plain values (no torch), then the model's parts and the optimizer (torch),
+    then data, trainer, callbacks and loggers (Lightning), so most mistakes are reported before
+    the heavy libraries load.
+    """
     _check_missing(cfg)
     _check_resolves(cfg)
     config = _plain(cfg)
@@ -613,25 +655,47 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check("nan_policy", config.get("nan_policy", "raise"), choice(*NAN_POLICIES))
     _check("train", config.get("train", True), boolean)
     _check("test", config.get("test", True), boolean)
-    _check("ckpt_path", config.get("ckpt_path"), text(optional=True))
+    ckpt_path = config.get("ckpt_path")
+    _check("ckpt_path", ckpt_path, text(optional=True))
+    if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r}: no such checkpoint file; allowed: null, last "
+            "(<run dir>/checkpoints/last.ckpt) or the path of a .ckpt file"
+        )
     _check("optimized_metric", config.get("optimized_metric"), text(optional=True))
-    _check_common(config)
-    registries = _registries()
-    for key, family in GROUPS:
+    _check_common_values(config)
+    data = _get(config, "data")
+    if isinstance(data, Mapping) and "_target_" not in data:
+        for option, rule in DATA_RULES.items():
+            if option in data:
+                _check(f"data.{option}", data[option], rule)
+    check_optimization_values(_get(config, "optimizer"), config.get("scheduler"))
+
+    registries = _model_registries()
+    for key, family in MODEL_GROUPS:
         check_group(key, _get(config, key), registries[family])
+    with config_errors("posterior"):  # the head's and the regularizer's own range checks
+        registries["posterior"].from_config(
+            _get(config, "posterior"), "posterior", latent_dim=config["latent_dim"]
+        )
+    with config_errors("regularizer"):
+        registries["regularizer"].from_config(_get(config, "regularizer"), "regularizer")
     check_optimization(_get(config, "optimizer"), config.get("scheduler"))
+
+    from lit_vae.data import DATAMODULES
+
+    check_group("data", _get(config, "data"), DATAMODULES)
+    check_trainer_options(config["trainer"])
     _check_instantiated("callbacks", config.get("callbacks"))
     _check_instantiated("logger", config.get("logger"))
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check the ``lit-vae-eval`` config; raise :class:`ConfigError` on the first problem."""
-    from lit_vae.eval import MODES
-
     _check_missing(cfg)
     _check_resolves(cfg)
     config = _plain(cfg)
-    _check("mode", config.get("mode"), choice(*MODES))
+    _check("mode", config.get("mode"), choice(*EVAL_MODES))
     _check("n", config.get("n", 64), int_at_least(1))
     _check("output", config.get("output"), text(optional=True))
     _check("ckpt_path", config.get("ckpt_path"), text())
@@ -639,11 +703,20 @@ def validate_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={config['ckpt_path']!r}: no such checkpoint file")
     if not isinstance(config.get("data") or {}, Mapping):
         raise ConfigError(f"data={config.get('data')!r}: must be a mapping of data options")
-    _check_common(config)
+    _check_common_values(config)
+    check_trainer_options(config["trainer"])
 
 
 # --------------------------------------------------------------------------------------------
 # Build steps.
+
+
+def _instance_of(err: BaseException, module: str, name: str) -> bool:
+    """``isinstance(err, module.name)`` when that module is loaded (if it is not, nothing could
+    have raised its exception), without importing it."""
+    loaded = sys.modules.get(module)
+    exception = getattr(loaded, name, None)
+    return isinstance(exception, type) and isinstance(err, exception)
 
 
 @contextmanager
@@ -652,28 +725,30 @@ def config_errors(key: str = "") -> Iterator[None]:
 
     ``ValueError`` (the project's convention), ``TypeError`` (a bad keyword), Lightning's
     ``MisconfigurationException`` and Hydra's ``InstantiationException`` (its cause is used) are
-    prefixed with ``key`` unless the message already names a key. ``DataError`` and
-    ``ConfigError`` pass through unchanged.
+    prefixed with ``key`` unless the message already names it. ``ConfigError`` and
+    :class:`~lit_vae.data.DataError` pass through unchanged.
     """
     from hydra.errors import InstantiationException
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
-
-    from lit_vae.data import DataError
 
     try:
         yield
-    except (ConfigError, DataError):
-        raise
-    except (ValueError, TypeError, MisconfigurationException, InstantiationException) as err:
-        where = key
+    except Exception as err:
         cause: BaseException = err
+        where = key
         if isinstance(err, InstantiationException):
             found = re.search(r"full_key: (\S+)", str(err))
-            if found:
-                where = found.group(1) if not key or found.group(1).startswith(key) else key
+            if found and (not key or found.group(1).startswith(key)):
+                where = found.group(1)
             cause = err.__cause__ or err
-            if isinstance(cause, ConfigError | DataError):
-                raise cause from None
+        if isinstance(cause, ConfigError) or _instance_of(cause, "lit_vae.data", "DataError"):
+            if cause is err:
+                raise
+            raise cause from None
+        known = isinstance(cause, ValueError | TypeError) or _instance_of(
+            cause, "lightning_fabric.utilities.exceptions", "MisconfigurationException"
+        )
+        if not known:
+            raise
         message = one_line(cause)
         if where and not message.startswith(where):
             message = f"{where}: {message}"
