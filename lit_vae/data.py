@@ -227,12 +227,14 @@ class EpochRandomSampler(RandomSampler):
         super().__init__(data_source)  # type: ignore[arg-type]
         self.seed = seed
         self.epoch = 0
+        self.pass_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the order of the coming pass to the one of ``epoch``."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        self.pass_epoch = self.epoch  # the running pass's epoch, for a resumable loader's state
         generator = seeded_generator(self.seed, _SHUFFLE_STREAM, self.epoch)
         self.epoch += 1  # a loop that never calls set_epoch still gets a fresh order per pass
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()

@@ -59,36 +59,69 @@ LAST_CHECKPOINT = "last.ckpt"
 class ResumableDataLoader(DataLoader[Any]):
     """A :class:`~torch.utils.data.DataLoader` that can resume in the middle of a pass.
 
-    :meth:`state_dict` is the number of batches the current pass has served; Lightning stores it
-    in every checkpoint (its loops look for loaders with ``state_dict``/``load_state_dict``) and
-    calls :meth:`load_state_dict` before iterating again, so the resumed pass skips the batches
-    already trained on. Skipped batches are drawn from the iterator and dropped; for lit-vae's
-    in-memory datasets that is one tensor index each. The order must be a function of the epoch
-    (a seeded sampler with ``set_epoch``), as with :class:`~lit_vae.data.EpochRandomSampler`.
+    :meth:`state_dict` holds the epoch of the current pass and the number of batches it has
+    served; Lightning stores it in every checkpoint (its loops look for loaders with
+    ``state_dict``/``load_state_dict``) and calls :meth:`load_state_dict` before iterating
+    again. The sampler is then set to that epoch, and the resumed pass drops the batches
+    already trained on when its first batch is asked for (after Lightning's own ``set_epoch``).
+    For lit-vae's in-memory datasets a dropped batch costs one tensor index. The order must be
+    a function of the epoch (a seeded sampler with ``set_epoch``), as with
+    :class:`~lit_vae.data.EpochRandomSampler` or a ``DistributedSampler``.
     """
 
     _skip: int = 0
     _current: Any = None
 
     def __iter__(self) -> Any:
-        iterator = super().__iter__()
         skip, self._skip = self._skip, 0
-        for _ in range(skip):
-            try:
-                next(iterator)
-            except StopIteration:
-                break
-        self._current = iterator
-        return iterator
+        self._current = _SkippingIterator(super().__iter__(), skip)
+        return self._current
 
     def state_dict(self) -> dict[str, int]:
-        """``{"batches_served": n}``: batches the current pass has yielded (skipped included)."""
-        served = getattr(self._current, "_num_yielded", 0) if self._current is not None else 0
-        return {"batches_served": int(served)}
+        """``{"batches_served": n, "epoch": e}``: batches the current pass has yielded (skipped
+        ones included) and the sampler's epoch for that pass (absent without one)."""
+        state = {"batches_served": self._current.served if self._current is not None else 0}
+        epoch = getattr(self.sampler, "pass_epoch", getattr(self.sampler, "epoch", None))
+        if isinstance(epoch, int):
+            state["epoch"] = epoch
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Make the next pass start after ``state_dict["batches_served"]`` batches."""
+        """Make the next pass the one of ``state_dict["epoch"]``, starting after
+        ``state_dict["batches_served"]`` batches."""
         self._skip = int(state_dict.get("batches_served", 0))
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if "epoch" in state_dict and callable(set_epoch):
+            set_epoch(int(state_dict["epoch"]))
+
+
+class _SkippingIterator:
+    """A loader's iterator that drops its first ``skip`` batches when first asked for one."""
+
+    def __init__(self, iterator: Any, skip: int) -> None:
+        self._iterator = iterator
+        self._skip = skip
+        self._served = 0
+
+    @property
+    def served(self) -> int:
+        """Batches drawn from the pass so far, dropped ones included."""
+        return self._served
+
+    def __iter__(self) -> _SkippingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        while self._skip > 0:
+            self._skip -= 1
+            next(self._iterator)
+            self._served += 1
+        batch = next(self._iterator)
+        self._served += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self._iterator)
 
 
 # --------------------------------------------------------------------------------------------

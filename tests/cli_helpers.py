@@ -51,15 +51,26 @@ def run_tool(
 
 
 def start_tool(tool: str, run_dir: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    """``<tool> hydra.run.dir=<run_dir> *args`` started in the background."""
-    return subprocess.Popen(
-        [str(BIN / tool), f"hydra.run.dir={run_dir}", *args],
-        cwd=REPO,
-        env=cli_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """``<tool> hydra.run.dir=<run_dir> *args`` started in the background, its output going to
+    ``<run_dir>.stdout`` and ``<run_dir>.stderr`` (files, so a full pipe never blocks it)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(f"{run_dir}.stdout", "w") as stdout,
+        open(f"{run_dir}.stderr", "w") as stderr,
+    ):
+        return subprocess.Popen(
+            [str(BIN / tool), f"hydra.run.dir={run_dir}", *args],
+            cwd=REPO,
+            env=cli_env(**env),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+        )
+
+
+def stderr_of(run_dir: Path) -> str:
+    """What a run started by :func:`start_tool` wrote to stderr."""
+    return Path(f"{run_dir}.stderr").read_text()
 
 
 def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 240) -> None:
@@ -67,8 +78,7 @@ def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 240) -
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            _, stderr = process.communicate()
-            raise AssertionError(f"the run ended (rc={process.returncode}) first: {stderr}")
+            raise AssertionError(f"the run ended (rc={process.returncode}) before {path}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"{path} did not appear within {timeout} s")
