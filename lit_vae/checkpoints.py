@@ -85,12 +85,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-def _unsafe_reason(err: Exception) -> str:
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-    if found:
-        return f"it holds a pickled {found.group(1)} object"
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"it holds objects that need pickle ({lines[-1] if lines else type(err).__name__})"
+def _pickled_global(err: Exception) -> str | None:
+    """The ``module.name`` a refused ``weights_only`` load stopped at, if torch names one."""
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def _weights_only_reason(err: Exception) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(err), re.DOTALL)
+    return " ".join(found.group(1).split()) if found else type(err).__name__
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -112,14 +115,21 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
         )
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower() and "weightsunpickler" not in str(err).lower():
+        pickled = _pickled_global(err)
+        if pickled is None and not zipfile.is_zipfile(path):
             raise CheckpointError(
-                f"ckpt_path={str(path)!r}: not a readable torch checkpoint ({err})"
+                f"ckpt_path={str(path)!r}: not a readable torch checkpoint "
+                f"({_weights_only_reason(err)})"
             ) from None
+        reason = (
+            f"it holds a pickled {pickled} object"
+            if pickled
+            else f"it holds objects that need pickle ({_weights_only_reason(err)})"
+        )
         raise UnsafeCheckpointError(
             f"ckpt_path={str(path)!r} cannot be loaded with torch.load(weights_only=True): "
-            f"{_unsafe_reason(err)}. lit-vae does not unpickle checkpoints; re-save it from "
-            "trusted code with plain containers and tensors only"
+            f"{reason}. lit-vae does not unpickle checkpoints; re-save it from trusted code "
+            "with plain containers and tensors only"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
