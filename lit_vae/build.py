@@ -33,6 +33,7 @@ def quiet_lightning_advice() -> None:
         (r".*does not have many workers", UserWarning),
         (r".*smaller than the logging interval", UserWarning),
         (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+        (r"`training_step` returned `None`", UserWarning),  # nan_policy=skip, on purpose
     ):
         warnings.filterwarnings("ignore", message=message, category=category)
 
