@@ -125,6 +125,16 @@ class _LogScaleHead(DiagonalHead):
 
     def __init__(self, latent_dim: int, min_raw: float = -30.0, max_raw: float = 30.0) -> None:
         super().__init__(latent_dim)
+        # σ² = exp(2·raw/power) stays a normal float32 (exp(±80) ≈ 5.5e34, 1.8e−35)
+        limit = 40.0 * self.power
+        for key, value in (("min_raw", min_raw), ("max_raw", max_raw)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"posterior.{key}={value!r}: must be a number")
+            if not -limit <= value <= limit:
+                raise ValueError(
+                    f"posterior.{key}={value!r}: must be in [{-limit:g}, {limit:g}], where "
+                    "σ² stays a finite, non-zero float32"
+                )
         if not min_raw < max_raw:
             raise ValueError(f"posterior.min_raw={min_raw!r} must be below max_raw={max_raw!r}")
         self.min_raw = float(min_raw)

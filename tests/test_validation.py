@@ -324,6 +324,9 @@ def test_the_default_configs_pass(train_config: Any) -> None:
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: must be two numbers in"),
         (["data.seed=1.5"], "data.seed=1.5: must be an integer"),
         (["+callbacks.x._target_=no.Such"], "callbacks.x._target_='no.Such': cannot be imported"),
+        (["posterior.max_raw=100"], "posterior.max_raw=100: must be in [-80, 80], where σ²"),
+        (["posterior=log_std", "posterior.max_raw=50"], "posterior.max_raw=50: must be in [-40,"),
+        (["posterior.min_raw=5", "posterior.max_raw=1"], "posterior.min_raw=5 must be below max"),
     ],
 )
 def test_bad_values_in_process(train_config: Any, overrides: list[str], message: str) -> None:
@@ -342,6 +345,8 @@ def test_bad_values_in_process(train_config: Any, overrides: list[str], message:
         (["data.val_fraction=1.5"], "data.val_fraction=1.5: must be a number strictly between"),
         (["prior=mixture", "prior.num_components=0"], "prior.num_components=0: must be an integ"),
         (["+trainer.strategy=warp"], "trainer: You selected an invalid strategy name"),
+        (["prior=mixture", "prior.init_spread=-1"], "prior.init_spread=-1: must be a finite"),
+        (["+callbacks.image_grids.num_samples=0"], "callbacks.image_grids.num_samples=0: must be"),
     ],
 )
 def test_range_errors_from_the_builds(
