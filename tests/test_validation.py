@@ -191,6 +191,23 @@ def test_bad_config_stops_before_training_with_one_line(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], ["ckpt_path: missing value (???)", "ckpt_path=<value>"]),
+        (["ckpt_path={tmp}/absent.ckpt"], ["ckpt_path=", "absent.ckpt", "no such checkpoint"]),
+        (["ckpt_path={tmp}/absent.ckpt", "mode=grid"], ["mode='grid'", "allowed: test, sample"]),
+    ],
+)
+def test_bad_eval_config_is_one_line(
+    overrides: list[str], expected: list[str], tmp_path: Path
+) -> None:
+    args = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    result = run_tool("lit-vae-eval", tmp_path / "eval", *args)
+    assert_one_error_line(result, expected)
+
+
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
     result = run_tool("lit-vae-train", tmp_path, "latent_dim=-1", HYDRA_FULL_ERROR="1")
     assert result.returncode != 0
