@@ -34,6 +34,7 @@ def quiet_lightning_advice() -> None:
         (r".*does not have many workers", UserWarning),
         (r".*smaller than the logging interval", UserWarning),
         (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+        (r"`training_step` returned `None`", UserWarning),  # nan_policy=skip, on purpose
     ):
         warnings.filterwarnings("ignore", message=message, category=category)
 
@@ -74,6 +75,7 @@ def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
         eval_chunk_size=cfg.eval.get("chunk_size"),
         reparam_noise=cfg.get("reparam_noise", "torch"),
         noise_seed=cfg.seed,
+        nan_policy=cfg.get("nan_policy", "raise"),
     )
 
 

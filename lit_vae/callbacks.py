@@ -51,6 +51,13 @@ class ImageGrids(pl.Callback):
         num_reconstructions: int = 16,
         scale: int = 4,
     ) -> None:
+        for key, value in (
+            ("num_samples", num_samples),
+            ("num_reconstructions", num_reconstructions),
+            ("scale", scale),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"callbacks.image_grids.{key}={value!r}: must be an integer >= 1")
         self.output_dir = output_dir
         self.num_samples = num_samples
         self.num_reconstructions = num_reconstructions

@@ -40,6 +40,7 @@ from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from lit_vae.registry import Registry
+from lit_vae.resume import ResumableDataLoader
 from lit_vae.sharding import GlobalBatchSampler
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ _BINARIZE_STREAM = 2
 _DYNAMIC_STREAM = 3
 _PPCA_PARAMS_STREAM = 4
 _PPCA_SAMPLES_STREAM = 5
+_LOADER_STREAM = 6
 
 
 class DataError(ValueError):
@@ -226,12 +228,14 @@ class EpochRandomSampler(RandomSampler):
         super().__init__(data_source)  # type: ignore[arg-type]
         self.seed = seed
         self.epoch = 0
+        self.pass_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the order of the coming pass to the one of ``epoch``."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        self.pass_epoch = self.epoch  # the running pass's epoch, for a resumable loader's state
         generator = seeded_generator(self.seed, _SHUFFLE_STREAM, self.epoch)
         self.epoch += 1  # a loop that never calls set_epoch still gets a fresh order per pass
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
@@ -519,9 +523,12 @@ class TensorDataModule(pl.LightningDataModule):
         return x.mean(dim=0, dtype=torch.float64).to(torch.float32)
 
     def _loader(self, split: str, train: bool) -> DataLoader[Batch]:
+        """The training loader resumes mid-pass (:class:`~lit_vae.resume.ResumableDataLoader`);
+        every loader has its own generator, so making one never draws from the global RNG."""
         x, y = self.split(split)
         dataset = TensorPairDataset(x, y)
-        return DataLoader(
+        loader_class = ResumableDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=self._sampler(dataset, train),
@@ -530,6 +537,7 @@ class TensorDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=seeded_generator(self.seed, _LOADER_STREAM, SPLITS.index(split)),
         )
 
     def _world_size(self) -> int:
@@ -700,8 +708,23 @@ def check_mnist_files(root: str | os.PathLike[str]) -> dict[str, Path]:
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
         where = str(directory) + ("" if directory.is_dir() else " (no such directory)")
-        raise DataError(f"MNIST directory {where} lacks: {', '.join(missing)}")
+        raise DataError(
+            f"MNIST directory {where} lacks: {', '.join(missing)}{_layout_hint(directory)}"
+        )
     return paths
+
+
+def _layout_hint(directory: Path) -> str:
+    """A hint for a root that holds the MNIST files in the wrong place or form."""
+    if not directory.is_dir():
+        return ""
+    names = list(MNIST_FILES.values())
+    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if all((sub / name).is_file() for name in names):
+            return f"; they are in {sub}: set data.root={sub}"
+    if any((directory / name.removesuffix(".gz")).is_file() for name in names):
+        return "; found uncompressed IDX files: lit-vae reads the official .gz files"
+    return ""
 
 
 def load_mnist(root: str | os.PathLike[str]) -> dict[str, Batch]:

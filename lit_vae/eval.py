@@ -10,30 +10,31 @@ import json
 import logging
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vae.build import build_datamodule, build_loggers, build_trainer, quiet_lightning_advice
+from lit_vae.build import build_datamodule, build_loggers, build_trainer
 from lit_vae.checkpoints import load_checkpoint, model_from_checkpoint
 from lit_vae.images import save_grid
-from lit_vae.tracking import describe_run, finish_tracking
+from lit_vae.tracking import describe_run
+from lit_vae.validation import EVAL_MODES, config_errors, validate_eval_config
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate", "main"]
 
-MODES = ("test", "sample")
+MODES = EVAL_MODES
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     """Run ``cfg.mode`` on ``cfg.ckpt_path``: the metrics dict (test) or the PNG path (sample)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r}: allowed: {', '.join(MODES)}")
-    pl.seed_everything(cfg.seed, workers=True)
+    validate_eval_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed %d", cfg.seed)
     ckpt_path = Path(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path)
-    model = model_from_checkpoint(checkpoint)
+    with config_errors("ckpt_path"):
+        model = model_from_checkpoint(checkpoint)
     model.eval()
 
     if cfg.mode == "sample":
@@ -53,10 +54,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
         )
     data_config = OmegaConf.merge(OmegaConf.create(dict(stored)), cfg.get("data") or {})
     assert isinstance(data_config, DictConfig)
-    datamodule = build_datamodule(data_config)
-    loggers = build_loggers(cfg.get("logger"))
+    with config_errors("data"):
+        datamodule = build_datamodule(data_config)
+    with config_errors("logger"):
+        loggers = build_loggers(cfg.get("logger"))
     describe_run(loggers, cfg)
-    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=loggers)
+    with config_errors("trainer"):
+        trainer = build_trainer(cfg.trainer, callbacks=[], loggers=loggers)
     trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {
         key: float(value)
@@ -71,16 +75,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float] | Path:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """Console entry point; finishes the job's W&B run (``job_type=eval``), failed or not."""
-    quiet_lightning_advice()
-    try:
-        evaluate(cfg)
-    except BaseException:
-        finish_tracking(exit_code=1)
-        raise
-    finish_tracking()
+def main() -> None:
+    """``python -m lit_vae.eval``: the same as ``lit-vae-eval`` (:mod:`lit_vae.cli`)."""
+    from lit_vae.cli import eval_main
+
+    eval_main()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ from torch import Tensor
 from torch.distributions import Distribution
 
 from lit_vae.diagnostics import active_units_from_moments
+from lit_vae.guards import (
+    NonFiniteLossError,
+    check_nan_policy,
+    describe_non_finite,
+    non_finite_names,
+)
 from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
 from lit_vae.metrics import PerSampleMean
@@ -115,6 +121,9 @@ class LitVAE(pl.LightningModule):
             generator) or ``keyed`` (drawn per global batch, the same however many processes
             share it; :mod:`lit_vae.noise`).
         noise_seed: the seed of the ``keyed`` noise.
+        nan_policy: ``raise`` stops at a non-finite loss or gradient, naming the terms, the step
+            and the batch; ``skip`` skips the batch and counts it in ``train/skipped_batches``
+            (:mod:`lit_vae.guards`).
     """
 
     def __init__(
@@ -136,6 +145,7 @@ class LitVAE(pl.LightningModule):
         init_output_bias: bool = True,
         reparam_noise: str = "torch",
         noise_seed: int = 0,
+        nan_policy: str = "raise",
     ) -> None:
         super().__init__()
         hparams = _plain(
@@ -157,6 +167,7 @@ class LitVAE(pl.LightningModule):
                 "init_output_bias": init_output_bias,
                 "reparam_noise": reparam_noise,
                 "noise_seed": noise_seed,
+                "nan_policy": nan_policy,
             }
         )
         self.save_hyperparameters(hparams)
@@ -167,6 +178,8 @@ class LitVAE(pl.LightningModule):
             _check_int("eval.chunk_size", eval_chunk_size, 1)
         self.reparam_noise = check_noise_source(reparam_noise)
         self.noise_seed = _check_int("noise_seed", noise_seed, 0)
+        self.nan_policy = check_nan_policy(nan_policy)
+        self.skipped_batches = 0
 
         self.posterior: PosteriorHead = POSTERIORS.from_config(
             hparams["posterior"], "posterior", latent_dim=latent_dim
@@ -331,7 +344,7 @@ class LitVAE(pl.LightningModule):
             if bias is not None:
                 init(bias)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x = batch[0]
         shard = self._shard("train", batch_idx, x.shape[0])
         terms = self.elbo_terms(x, self._noise_key("train", batch_idx, shard))
@@ -343,6 +356,9 @@ class LitVAE(pl.LightningModule):
         world_size = self.trainer.world_size if self._trainer is not None else 1
         values = per_sample.sum(0) * (world_size / shard.global_size)
         loss = values[0]
+        if self._any_rank_non_finite(loss):
+            self._non_finite_loss(terms, loss, batch_idx)
+            return None
         self.log_dict(
             {f"train/{name}": value for name, value in zip(EVAL_TERMS, values.detach())},
             on_step=True,
@@ -352,7 +368,83 @@ class LitVAE(pl.LightningModule):
         )
         for name, value in terms.penalty.logs.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self._log_skipped(x.shape[0])
         return loss
+
+    # ------------------------------------------------------------------ numerical guards
+
+    def _any_rank_non_finite(self, loss: Tensor) -> bool:
+        """Whether the loss is NaN or infinite on this process or any other (one sync)."""
+        non_finite = not bool(torch.isfinite(loss))
+        if self._trainer is None:
+            return non_finite
+        return bool(self.trainer.strategy.reduce_boolean_decision(non_finite, all=False))
+
+    def _where(self, batch_idx: int) -> str:
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        return f"global step {self.global_step} (epoch {epoch}, batch {batch_idx})"
+
+    def _non_finite_loss(self, terms: ElboTerms, loss: Tensor, batch_idx: int) -> None:
+        """Raise :class:`NonFiniteLossError` or count the skipped batch, per ``nan_policy``."""
+        if self.nan_policy == "skip":
+            self.skipped_batches += 1
+            self._log_skipped(terms.recon.shape[0])
+            return
+        name = REGULARIZERS.name_of(self.regularizer) or type(self.regularizer).__name__
+        penalty = terms.penalty
+        described = describe_non_finite(
+            {"recon": terms.recon, "kl": penalty.kl, f"penalty ({name})": penalty.penalty}
+        )
+        if not described:
+            described = (
+                f"loss ({float(loss)}: every per-sample term is finite, their batch mean is not)"
+                if not bool(torch.isfinite(loss))
+                else "loss (finite here, non-finite on another process)"
+            )
+        raise NonFiniteLossError(
+            f"non-finite training loss at {self._where(batch_idx)}: {described}; "
+            "stopped before the optimizer step, no checkpoint was written over the last good one "
+            "(nan_policy=skip skips such batches)"
+        )
+
+    def _log_skipped(self, batch_size: int) -> None:
+        if self.nan_policy == "skip":
+            self.log(
+                "train/skipped_batches",
+                float(self.skipped_batches),
+                on_step=True,
+                on_epoch=False,
+                batch_size=batch_size,
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop (``raise``) or drop the update (``skip``) when a gradient is NaN or infinite.
+
+        Skipped under a gradient scaler (``16-mixed``), which skips such steps itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        bad = non_finite_names((n, p.grad) for n, p in self.named_parameters())
+        if not bad:
+            return
+        if self.nan_policy == "skip":
+            self.skipped_batches += 1
+            for parameter in self.parameters():
+                parameter.grad = None
+            return
+        batch_idx = self.trainer.fit_loop.epoch_loop.batch_idx
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteLossError(
+            f"non-finite gradient at {self._where(batch_idx)} with a finite loss: {shown}; "
+            "stopped before the optimizer step, no checkpoint was written over the last good one "
+            "(nan_policy=skip skips such batches)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def _shard(self, stage: str, batch_idx: int, size: int) -> BatchShard:
         """Where this batch sits in its global batch (:func:`~lit_vae.sharding.batch_shard`)."""

@@ -125,6 +125,16 @@ class _LogScaleHead(DiagonalHead):
 
     def __init__(self, latent_dim: int, min_raw: float = -30.0, max_raw: float = 30.0) -> None:
         super().__init__(latent_dim)
+        # σ² = exp(2·raw/power) stays a normal float32 (exp(±80) ≈ 5.5e34, 1.8e−35)
+        limit = 40.0 * self.power
+        for key, value in (("min_raw", min_raw), ("max_raw", max_raw)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"posterior.{key}={value!r}: must be a number")
+            if not -limit <= value <= limit:
+                raise ValueError(
+                    f"posterior.{key}={value!r}: must be in [{-limit:g}, {limit:g}], where "
+                    "σ² stays a finite, non-zero float32"
+                )
         if not min_raw < max_raw:
             raise ValueError(f"posterior.min_raw={min_raw!r} must be below max_raw={max_raw!r}")
         self.min_raw = float(min_raw)
@@ -264,7 +274,10 @@ class LowRankHead(PosteriorHead):
 
     ``h = [loc (d), cov_factor (d·rank), raw diagonal (d)]``;
     ``D = softplus(raw + log(e−1)) + min_var`` (``exp`` available as ``diag_activation``), so
-    ``Σ = I`` at zero raw output. Numerical floor: ``D ≥ min_var`` (default 1e−8).
+    ``Σ = I`` at zero raw output. Numerical floor: ``D ≥ min_var`` (default 1e−8). The factor is
+    not bounded: columns that are parallel and far larger than ``√D`` make torch's capacitance
+    matrix ``I + Wᵀ D⁻¹ W`` singular in float32, and its Cholesky factorization fails; a larger
+    ``min_var`` bounds that matrix's condition number.
     """
 
     factorized = False

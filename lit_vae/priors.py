@@ -106,6 +106,12 @@ class MixturePrior(Prior):
     def __init__(self, latent_dim: int, num_components: int = 10, init_spread: float = 1.0) -> None:
         super().__init__(latent_dim)
         k = _check_int("num_components", num_components, 1)
+        if (
+            isinstance(init_spread, bool)
+            or not isinstance(init_spread, int | float)
+            or not 0 <= init_spread < float("inf")
+        ):
+            raise ValueError(f"prior.init_spread={init_spread!r}: must be a finite number >= 0")
         self.num_components = k
         self.logits = nn.Parameter(torch.zeros(k))
         self.loc = nn.Parameter(init_spread * torch.randn(k, latent_dim))

@@ -98,7 +98,7 @@ class Registry(Generic[T]):
                 raise ValueError(
                     f"{where}._target_={config['_target_']!r} cannot be imported: {err}"
                 ) from None
-            return factory(**{**options, **kwargs})
+            return _named_errors(where, factory, {**options, **kwargs})
         if "name" not in config:
             raise ValueError(
                 f"{where} needs 'name' (one of: {', '.join(self.names())}) or '_target_'"
@@ -109,7 +109,7 @@ class Registry(Generic[T]):
                 f"{where}.name={name!r} is not a registered {self.kind}; "
                 f"allowed: {', '.join(self.names())}"
             )
-        return self.build(name, **{**options, **kwargs})
+        return _named_errors(where, self.get(name), {**options, **kwargs})
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -122,3 +122,19 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={self.names()})"
+
+
+def _named_errors(where: str, factory: Any, kwargs: dict[str, Any]) -> Any:
+    """``factory(**kwargs)``; a ``ValueError`` whose message does not name a key gets ``where``
+    in front (``likelihood: scale must be ...``), so every config error says where it is."""
+    try:
+        return factory(**kwargs)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith(where):
+            raise
+        try:
+            renamed = type(err)(f"{where}: {message}")
+        except Exception:
+            raise err from None
+        raise renamed from err

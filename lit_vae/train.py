@@ -3,6 +3,10 @@
 lit-vae-train                                   # digits, log_var head, 2-D latent
 lit-vae-train posterior=cholesky latent_dim=8
 lit-vae-train -m posterior=log_var,log_std,std,var
+lit-vae-train hydra.run.dir=<run dir> ckpt_path=last     # resume a stopped run
+
+The config is validated before anything is built; a bad value, bad data or an unusable
+checkpoint stops the run with one ``error: ...`` line (:mod:`lit_vae.errors`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
@@ -22,10 +25,12 @@ from lit_vae.build import (
     build_loggers,
     build_model,
     build_trainer,
-    quiet_lightning_advice,
 )
+from lit_vae.checkpoints import load_checkpoint
+from lit_vae.resume import resolve_ckpt_path
 from lit_vae.slurm import resume_path
-from lit_vae.tracking import describe_run, finish_tracking
+from lit_vae.tracking import describe_run
+from lit_vae.validation import config_errors, validate_train_config
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +51,56 @@ def _best_checkpoint(trainer: pl.Trainer) -> str | None:
     return path or None
 
 
+def _checkpoint_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """Where ``last.ckpt`` goes: the ``last_checkpoint`` callback's ``dirpath``, by default
+    ``<run dir>/checkpoints``."""
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
+    return Path(last.get("dirpath") or output_dir / "checkpoints")
+
+
+def _load_data(datamodule: pl.LightningDataModule) -> None:
+    """Read lit-vae's in-memory splits now, so bad data stops the run before training."""
+    split = getattr(datamodule, "split", None)
+    if callable(split):
+        split("train")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (a requeued SLURM job resumes from its ``last.ckpt``), then test the best checkpoint;
-    write ``results.json``; return the metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
+    """Validate, fit (resuming from ``ckpt_path``; a requeued SLURM job resumes from its
+    ``last.ckpt``), then test the best checkpoint; write ``results.json``; return the metrics."""
+    validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _checkpoint_dir(cfg, output_dir))
+    ckpt_path = ckpt_path or resume_path(None, output_dir)
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path, mmap=True)  # refuses a checkpoint that needs pickle
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    log.info("seed %d", cfg.seed)
 
-    datamodule = build_datamodule(cfg.data)
-    model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
-    loggers = build_loggers(cfg.get("logger"))
+    with config_errors("data"):
+        datamodule = build_datamodule(cfg.data)
+        _load_data(datamodule)
+    with config_errors():
+        model = build_model(cfg, tuple(datamodule.data_shape))  # type: ignore[attr-defined]
+    with config_errors("callbacks"):
+        callbacks = build_callbacks(cfg.get("callbacks"))
+    with config_errors("logger"):
+        loggers = build_loggers(cfg.get("logger"))
     describe_run(loggers, cfg)
-    trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers)
+    with config_errors("trainer"):
+        trainer = build_trainer(cfg.trainer, callbacks, loggers)
 
-    if cfg.get("train", True):
-        ckpt_path = resume_path(cfg.get("ckpt_path"), output_dir)
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit = cfg.get("train", True)
+    if fit:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _float_metrics(trainer, ("val/",))
     if cfg.get("test", True):
         trainer.test(
-            model, datamodule=datamodule, ckpt_path=_best_checkpoint(trainer), verbose=False
+            model,
+            datamodule=datamodule,
+            ckpt_path=_best_checkpoint(trainer) if fit else ckpt_path,
+            verbose=False,
+            weights_only=True,
         )
         metrics.update(_float_metrics(trainer, ("test/",)))
 
@@ -91,23 +127,11 @@ def _report(output_dir: Path, metrics: dict[str, Any]) -> None:
             console.print(f"  {name:<22} {output_dir / name}")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``cfg.optimized_metric`` for Hydra sweepers.
+def main() -> None:
+    """``python -m lit_vae.train``: the same as ``lit-vae-train`` (:mod:`lit_vae.cli`)."""
+    from lit_vae.cli import train_main
 
-    The job's W&B run (if any) is finished here, failed or not, so the next job of a multirun
-    starts its own; it records the returned value as its ``objective`` summary.
-    """
-    quiet_lightning_advice()
-    try:
-        metrics = train(cfg)
-    except BaseException:
-        finish_tracking(exit_code=1)
-        raise
-    metric_name = cfg.get("optimized_metric")
-    value = metrics.get(metric_name) if metric_name else None
-    finish_tracking(summary=None if value is None else {"objective": value})
-    return value
+    train_main()
 
 
 if __name__ == "__main__":
