@@ -389,6 +389,15 @@ def check_group(
     return factory
 
 
+def _job_config(cfg: DictConfig) -> DictConfig:
+    """The job's own keys: without Hydra's ``hydra`` node when a composed config carries it."""
+    if "hydra" not in cfg:
+        return cfg
+    masked = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key != "hydra"])
+    assert isinstance(masked, DictConfig)
+    return masked
+
+
 def _check_missing(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -648,6 +657,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     then data, trainer, callbacks and loggers (Lightning), so most mistakes are reported before
     the heavy libraries load.
     """
+    cfg = _job_config(cfg)
     _check_missing(cfg)
     _check_resolves(cfg)
     config = _plain(cfg)
@@ -692,6 +702,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Check the ``lit-vae-eval`` config; raise :class:`ConfigError` on the first problem."""
+    cfg = _job_config(cfg)
     _check_missing(cfg)
     _check_resolves(cfg)
     config = _plain(cfg)
