@@ -61,8 +61,20 @@ def _is_misconfiguration(err: BaseException) -> bool:
     return exception is not None and isinstance(err, exception)
 
 
+def _in_multirun() -> bool:
+    """Whether this process runs one job of a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _fail(err: BaseException, status: int) -> NoReturn:
+    """Print ``err`` as one line and exit with ``status`` — or, in one job of a multirun,
+    re-raise it, so Hydra marks that job failed and goes on with the next."""
     print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    if _in_multirun():
+        raise err
     sys.exit(status)
 
 

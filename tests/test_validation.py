@@ -10,12 +10,10 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 import torch
-import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from lit_vae.data import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, MNIST_FILES
-from lit_vae.regularizers import REGULARIZERS
 from lit_vae.validation import (
     ConfigError,
     check_devices,
@@ -32,23 +30,6 @@ CONF = REPO / "lit_vae" / "conf"
 CYCLICAL = "+regularizer._target_=tests.user_regularizer.CyclicalKL"
 
 
-def _free_bits_case() -> Any:
-    """``free_bits`` with a negative λ, once the regularizer exists (its option is ``lambda_``
-    or ``free_bits``): the constructor's ValueError must reach the command line."""
-    config_file = CONF / "regularizer" / "free_bits.yaml"
-    if "free_bits" not in REGULARIZERS or not config_file.is_file():
-        return pytest.param(
-            [], [], marks=pytest.mark.skip(reason="no free_bits regularizer"), id="free_bits"
-        )
-    options = yaml.safe_load(config_file.read_text()) or {}
-    option = "lambda_" if "lambda_" in options else "free_bits"
-    return pytest.param(
-        ["regularizer=free_bits", f"regularizer.{option}=-1.0"],
-        ["regularizer", option, "-1.0"],
-        id="free_bits_lambda_negative",
-    )
-
-
 # (overrides, substrings of the one error line: the key, the bad value, what is allowed).
 # Most fail before torch or Lightning is imported, so the table runs in seconds per case.
 BAD_CONFIGS = [
@@ -62,17 +43,35 @@ BAD_CONFIGS = [
         ["posterior._target_='nowhere.Head'", "cannot be imported", "log_var, low_rank"],
         id="unknown_head_target",
     ),
-    _free_bits_case(),
     pytest.param(
-        [CYCLICAL, "+regularizer.R=1.5"],
-        ["regularizer.R=1.5", "(0, 1]"],
+        ["regularizer=free_bits", "regularizer.threshold=-1.0"],
+        ["regularizer.threshold=-1.0", "number >= 0"],
+        id="free_bits_lambda_negative",
+    ),
+    pytest.param(
+        ["regularizer/schedule=cyclical", "regularizer.schedule.ratio=1.5"],
+        ["regularizer.schedule.ratio=1.5", "(0, 1]"],
         id="cyclical_R_above_1",
     ),
     pytest.param(
-        [CYCLICAL, "+regularizer.R=0.0"], ["regularizer.R=0.0", "(0, 1]"], id="cyclical_R_zero"
+        ["regularizer/schedule=cyclical", "regularizer.schedule.ratio=0.0"],
+        ["regularizer.schedule.ratio=0.0", "(0, 1]"],
+        id="cyclical_R_zero",
     ),
     pytest.param(
-        [CYCLICAL, "+regularizer.k=0"], ["regularizer.k=0", "integer >= 1"], id="cyclical_k_0"
+        ["regularizer/schedule=cyclical", "regularizer.schedule.cycles=0"],
+        ["regularizer.schedule.cycles=0", "integer >= 1"],
+        id="cyclical_M_0",
+    ),
+    pytest.param(
+        ["objective=iwae", "objective.num_samples=0"],
+        ["objective.num_samples=0", "integer >= 1"],
+        id="iwae_k_0",
+    ),
+    pytest.param(
+        [CYCLICAL, "+regularizer.R=1.5", "~regularizer.schedule"],
+        ["regularizer.R=1.5", "(0, 1]"],
+        id="user_target_regularizer_checks_its_own_range",
     ),
     pytest.param(
         ["data.batch_size=0"], ["data.batch_size=0", "integer >= 1"], id="batch_size_zero"
@@ -325,7 +324,7 @@ def test_the_default_configs_pass(train_config: Any) -> None:
         ),
         (["model.encoder.name=transformer"], "model.encoder.name='transformer': not a registered"),
         (["+trainer.num_nodes=0"], "trainer.num_nodes=0: must be an integer >= 1"),
-        (["+trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5: must be a fracti"),
+        (["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5: must be a fracti"),
         (["+trainer.val_check_interval=0"], "trainer.val_check_interval=0: must be a fraction"),
         (["+trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0: must be"),
         (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0: must be null or an in"),
