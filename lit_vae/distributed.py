@@ -9,10 +9,11 @@ values the sweeper chose), its Hydra overrides minus the ones about sweeping and
 ``hydra.run.dir=<this job's run dir>`` with ``hydra.output_subdir=null``, so the children write
 into the job's run dir and leave its ``.hydra/`` alone.
 
-:class:`DDPJobCallback` (a Hydra callback, configured in ``conf/hydra/default.yaml``) ends a
-job's process group when the job ends and restores the variables the launcher set
-(``MASTER_PORT``, ``LOCAL_RANK``, ...), so that the next job of a sweep run by the same process
-starts a fresh group with fresh child processes.
+:class:`~lit_vae.hydra_callbacks.DDPJobCallback` (a Hydra callback, configured in
+``conf/hydra/default.yaml``) ends a job's process group and child processes when the job ends
+(:func:`end_job`) and restores the variables the launcher set (``MASTER_PORT``, ``LOCAL_RANK``,
+...), so that the next job of a sweep run by the same process starts a fresh group with fresh
+child processes.
 
 :func:`use_hydra_job_launcher` puts the launcher in place on a trainer; ``build_trainer`` does.
 """
@@ -24,27 +25,24 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import pytorch_lightning as pl
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+
+from lit_vae.hydra_callbacks import DDP_ENVIRONMENT
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DDP_ENVIRONMENT",
-    "DDPJobCallback",
     "HydraJobLauncher",
+    "end_job",
     "hydra_job_command",
     "use_hydra_job_launcher",
 ]
 
-DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-"""The variables that describe a process group to Lightning and torch."""
 
 _CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
 _DROPPED_HYDRA_KEYS = ("hydra.run.dir", "hydra.output_subdir", "hydra.job.name", "hydra.mode")
@@ -179,28 +177,8 @@ def _wait_for_children(timeout_s: float = 120.0) -> None:
             process.wait()
 
 
-class DDPJobCallback(Callback):
-    """Ends each Hydra job's process group and child processes with the job.
-
-    ``on_job_start`` remembers :data:`DDP_ENVIRONMENT`; ``on_job_end`` destroys the process group
-    (after a barrier when the job completed), waits for the job's DDP child processes and
-    restores the variables, so a sweep's next job in this process starts from scratch.
-    """
-
-    def __init__(self) -> None:
-        self._saved: dict[str, str | None] = {}
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._saved = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
-        completed = getattr(job_return, "status", None) is JobStatus.COMPLETED
-        end_process_group(synchronize=completed)
-        _wait_for_children()
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def end_job(synchronize: bool) -> None:
+    """End this process's part of a finished Hydra job: destroy the process group (after a
+    barrier when ``synchronize``) and wait for the job's DDP child processes."""
+    end_process_group(synchronize=synchronize)
+    _wait_for_children()

@@ -10,12 +10,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict, read_write
 
 from lit_vae.distributed import (
-    DDPJobCallback,
     _config_flags,
     _entry_point,
     _keeps,
     hydra_job_command,
 )
+from lit_vae.hydra_callbacks import DDPJobCallback
 
 from .distributed_helpers import (
     assert_close_tensors,
