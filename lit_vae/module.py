@@ -38,7 +38,7 @@ from lit_vae.guards import (
 )
 from lit_vae.kl import kl_per_dim
 from lit_vae.likelihoods import LIKELIHOODS, Likelihood
-from lit_vae.metrics import PerSampleMean
+from lit_vae.metrics import EpochSums, PerSampleMean
 from lit_vae.nets import DECODERS, ENCODERS, Decoder, Encoder
 from lit_vae.noise import NoiseKey, check_noise_source, decorrelate_processes, keyed_rsample
 from lit_vae.objectives import Objective, build_objective
@@ -210,6 +210,7 @@ class LitVAE(pl.LightningModule):
         self._check_combination()
 
         width = len(EVAL_TERMS)
+        self.train_sums = EpochSums()
         self.val_metrics = PerSampleMean(width + latent_dim)
         self.test_metrics = PerSampleMean(width + 1 + latent_dim)
 
@@ -359,17 +360,43 @@ class LitVAE(pl.LightningModule):
         if self._any_rank_non_finite(loss):
             self._non_finite_loss(terms, loss, batch_idx)
             return None
-        self.log_dict(
-            {f"train/{name}": value for name, value in zip(EVAL_TERMS, values.detach())},
-            on_step=True,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=shard.global_size,
-        )
-        for name, value in terms.penalty.logs.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self._log_skipped(x.shape[0])
+        self.train_sums.add(per_sample.sum(0), shard.global_size)
+        if self._loggers_write_this_step():
+            self.log_dict(
+                {f"train/{name}_step": value for name, value in zip(EVAL_TERMS, values.detach())},
+                sync_dist=True,
+                batch_size=shard.global_size,
+            )
+            for name, value in terms.penalty.logs.items():
+                self.log(f"train/{name}", value, batch_size=x.shape[0])
+            self._log_skipped(x.shape[0])
         return loss
+
+    def _loggers_write_this_step(self) -> bool:
+        """Whether the loggers write step values now (every ``trainer.log_every_n_steps``).
+
+        Step values are logged only then: ``self.log`` costs more than a small model's step.
+        """
+        if self._trainer is None:
+            return False
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def on_train_epoch_start(self) -> None:
+        # keeps the sums of a checkpoint written in the middle of this epoch
+        if self.train_sums.epoch != self.current_epoch:
+            self.train_sums.reset(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        """``train/{loss,recon,kl,elbo}_epoch``: means over every sample of the epoch (one
+        all-reduce)."""
+        means = self.train_sums.means(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        if means is not None:
+            # already reduced over the processes: sync_dist averages identical values
+            self.log_dict(
+                {f"train/{name}_epoch": mean.float() for name, mean in zip(EVAL_TERMS, means)},
+                sync_dist=True,
+            )
 
     # ------------------------------------------------------------------ numerical guards
 
@@ -442,9 +469,11 @@ class LitVAE(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["skipped_batches"] = self.skipped_batches
+        checkpoint["train_epoch_sums"] = self.train_sums.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
+        self.train_sums.load_state_dict(checkpoint.get("train_epoch_sums", {}), self.device)
 
     def _shard(self, stage: str, batch_idx: int, size: int) -> BatchShard:
         """Where this batch sits in its global batch (:func:`~lit_vae.sharding.batch_shard`)."""
