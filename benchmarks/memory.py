@@ -36,7 +36,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import base_parser, markdown_table, pick_device, print_environment
+from common import (
+    base_parser,
+    interleaved_medians,
+    markdown_table,
+    pick_device,
+    print_environment,
+)
 from mnist_vae import DEFAULT_DATA_ROOT, mlp_vae, mnist_datamodule, mnist_options
 
 MIB = 2**20
@@ -134,6 +140,39 @@ def _linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+def speed_rows(
+    base: dict[str, Any], chunk_sizes: list[int], k: int, repeats: int, full_k: int
+) -> list[list[Any]]:
+    """Seconds of ``log_likelihood`` on one test batch per chunk size, interleaved in one
+    process, so that the chunk sizes compare fairly on a busy machine."""
+    device = torch.device(base["device"])
+    x = torch.load(base["data"], weights_only=True)[: base["eval_batch_size"]].to(device)
+    model = mlp_vae(base["hidden_sizes"], base["latent_dim"])
+    model.load_state_dict(torch.load(base["state"], weights_only=True))
+    model.eval().to(device)
+    chunks: list[int | None] = [None, *(c for c in chunk_sizes if c <= k)]
+    contenders = {
+        "default" if c is None else f"chunk {c}": (lambda c=c: model.log_likelihood(x, k, c))
+        for c in chunks
+    }
+    medians = interleaved_medians(contenders, repeats=repeats, warmup=1, device=device)
+    rows = []
+    for name, seconds in medians.items():
+        per_item_sample = seconds / (x.shape[0] * k)
+        rows.append(
+            [
+                name,
+                x.shape[0],
+                k,
+                f"{seconds:.2f}",
+                f"{per_item_sample * 1e9:.0f}",
+                f"{per_item_sample * 1000 * full_k:.0f}",
+                f"{seconds / medians['default']:.2f}",
+            ]
+        )
+    return rows
+
+
 def main() -> None:
     options = mnist_options()
     parser = base_parser(__doc__.split("\n", 1)[0])
@@ -156,6 +195,8 @@ def main() -> None:
         "--naive-items", type=int, nargs="*", default=[5, 10, 20],
         help="batch sizes of the all-k-at-once rows, extrapolated to a full test batch",
     )  # fmt: skip
+    parser.add_argument("--timing-samples", type=int, default=256, help="k of the speed table")
+    parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[200, 200])
     parser.add_argument("--latent-dim", type=int, default=50)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -214,6 +255,7 @@ def main() -> None:
             result = _run_child(spec)
             results.append((label, spec, result))
             print(f"# done: {label}, {spec['items']} items, k={spec['num_samples']}: {result}")
+        speed = speed_rows(base, args.chunk_sizes, args.timing_samples, args.timing_repeats, k)
 
     reference = results[0][2]["growth"]
     rows = []
@@ -273,6 +315,22 @@ def main() -> None:
     ]
     print()
     print(markdown_table(headers, rows))
+    print()
+    print(
+        f"Speed by chunk size: one test batch, k={args.timing_samples}, medians of "
+        f"{args.timing_repeats} interleaved repeats in one process (time is linear in k)."
+    )
+    print()
+    speed_headers = [
+        "chunk",
+        "test items",
+        "k",
+        "s per call",
+        "ns per item·sample",
+        f"s per 1000 items × {k} (scaled)",
+        "time / default",
+    ]
+    print(markdown_table(speed_headers, speed))
     main_row = results[0][2]
     per_1000 = main_row["seconds"] / results[0][1]["items"] * 1000
     print()
