@@ -11,6 +11,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+import lit_vae.slurm  # noqa: F401  (registers the resolver of the hydra/launcher=slurm preset)
 from lit_vae.errors import run_cli
 from lit_vae.validation import validate_eval_config, validate_train_config
 

@@ -52,6 +52,10 @@ from lit_vae.sharding import BatchShard, batch_shard
 __all__ = ["ElboTerms", "LitVAE"]
 
 EVAL_TERMS = ("loss", "recon", "kl", "elbo")
+# The default chunk of ``log_likelihood``: about this many numbers per chunk's decoder output
+# (128 MiB in float32). Smaller chunks are slower (``benchmarks/memory.py``), larger ones gain
+# little; with an MNIST MLP and 1000 test items per batch a whole test/nll stays under 1 GiB.
+CHUNK_ELEMENTS = 2**25
 
 
 class ElboTerms(NamedTuple):
@@ -306,7 +310,7 @@ class LitVAE(pl.LightningModule):
         if chunk_size is None:
             rows = x.shape[0] if noise is None else noise.shard.global_size
             per_sample = x[0].numel() + 4 * self.latent_dim
-            chunk_size = max(1, min(num_samples, 2**23 // max(1, rows * per_sample)))
+            chunk_size = max(1, min(num_samples, CHUNK_ELEMENTS // max(1, rows * per_sample)))
         dtype = torch.promote_types(q.mean.dtype, torch.float32)  # float64 models stay float64
         total = torch.full(x.shape[:1], -math.inf, dtype=dtype, device=x.device)
         for start in range(0, num_samples, chunk_size):

@@ -138,9 +138,16 @@ def _finish(process: subprocess.Popen[str], timeout: float) -> str:
     return output
 
 
-def _wait_for(path: Path, timeout: float) -> None:
+def _wait_for(path: Path, timeout: float, process: subprocess.Popen[str] | None = None) -> None:
+    """Wait for ``path``; fail at once, with its output, if ``process`` exits first."""
     deadline = time.monotonic() + timeout
     while not path.exists():
+        if process is not None and process.poll() is not None:
+            output = process.stdout.read() if process.stdout is not None else ""
+            raise AssertionError(
+                f"lit-vae-train exited ({process.returncode}) before {path} appeared:\n"
+                + output[-6000:]
+            )
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
         time.sleep(0.5)
 
@@ -189,7 +196,7 @@ def requeued_sweep(
     ]
     probe_dir = sweep_dir / "0" / "probe"
     with _submitting(args, work_dir, name) as process:
-        _wait_for(probe_dir / f"paused-at-{PAUSE_STEP}", timeout=300)
+        _wait_for(probe_dir / f"paused-at-{PAUSE_STEP}", timeout=300, process=process)
         job_id = _array_task_id(name, 0)
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         # SLURM holds a requeued job for a while before it may start again; release it now
