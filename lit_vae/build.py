@@ -73,6 +73,7 @@ def build_model(cfg: DictConfig, data_shape: tuple[int, ...]) -> LitVAE:
         scheduler=_container(cfg.get("scheduler")),
         eval_num_samples=cfg.eval.num_samples,
         eval_chunk_size=cfg.eval.get("chunk_size"),
+        init_output_bias=cfg.get("init_output_bias", True),
         reparam_noise=cfg.get("reparam_noise", "torch"),
         noise_seed=cfg.seed,
         nan_policy=cfg.get("nan_policy", "raise"),

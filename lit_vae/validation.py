@@ -547,6 +547,12 @@ SCHEDULER_RULES: dict[str, dict[str, Check]] = {
     "multistep": {"gamma": number_in(0.0, low_open=True)},
     "exponential": {"gamma": number_in(0.0, low_open=True)},
     "cosine": {"T_max": int_at_least(1), "eta_min": number_in(0.0)},
+    "iwae": {
+        "num_stages": int_at_least(1),
+        "base": number_in(1.0),
+        "decay_per_stage": number_in(0.0, 1.0, low_open=True),
+        "budget": number_in(0.0, low_open=True),
+    },
 }
 
 
@@ -665,6 +671,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     _check("nan_policy", config.get("nan_policy", "raise"), choice(*NAN_POLICIES))
     _check("train", config.get("train", True), boolean)
     _check("test", config.get("test", True), boolean)
+    _check("init_output_bias", config.get("init_output_bias", True), boolean)
     ckpt_path = config.get("ckpt_path")
     _check("ckpt_path", ckpt_path, text(optional=True))
     if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():

@@ -192,3 +192,33 @@ def test_ppca_experiment_trains_below_the_exact_likelihood(tmp_path: Path) -> No
     assert results["test/elbo"] <= model_log_likelihood + 0.01
     assert model_log_likelihood <= exact + 0.05
     assert torch.isfinite(torch.tensor(model_log_likelihood))
+
+
+def test_iwae_mnist_experiment_is_the_papers_protocol() -> None:
+    """Burda et al. (2016), Table 1: 784-200-200-50 tanh, log σ head, Bernoulli decoder from
+    the mean pixel, Adam ε 1e-4, batch 20, 3280 epochs of the staged schedule, k = 5000."""
+    from lit_vae.optim import iwae_stage_epochs
+
+    cfg = _compose("experiment=iwae_mnist")
+    assert (cfg.data.name, cfg.data.binarize, cfg.data.batch_size) == ("mnist", "dynamic", 20)
+    assert (cfg.latent_dim, cfg.posterior.name, cfg.likelihood.name) == (50, "log_std", "bernoulli")
+    assert cfg.objective.name == "elbo"
+    assert cfg.init_output_bias is True
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.eps) == ("adam", 1e-3, 1e-4)
+    assert list(cfg.optimizer.betas) == [0.9, 0.999]
+    schedule = cfg.scheduler
+    assert (schedule.name, schedule.interval, schedule.budget) == ("iwae", "epoch", 1.0)
+    stages = iwae_stage_epochs(schedule.num_stages, schedule.base, schedule.budget)
+    assert cfg.trainer.max_epochs == sum(stages) == 3280
+    assert cfg.eval.num_samples == 5000
+    model = _model(cfg, (1, 28, 28))
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [(m.in_features, m.out_features) for m in linear]
+    assert shapes == [(784, 200), (200, 200), (200, 100), (50, 200), (200, 200), (200, 784)]
+    assert sum(isinstance(m, torch.nn.Tanh) for m in model.modules()) == 4
+    assert model.hparams["init_output_bias"] is True
+
+    iwae = _model(_compose("experiment=iwae_mnist", "objective=iwae", "objective.num_samples=50"))
+    assert isinstance(iwae.objective, IWAEObjective)
+    assert iwae.objective.num_samples == 50
+    assert _model(_compose("init_output_bias=false")).hparams["init_output_bias"] is False

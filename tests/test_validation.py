@@ -311,6 +311,7 @@ def test_the_default_configs_pass(train_config: Any) -> None:
         ["model=conv", "scheduler=cosine", "optimizer=adamw", "posterior=low_rank"],
         ["data=ppca", "model=linear", "likelihood=gaussian", "scheduler=step", "prior=vamp"],
         ["logger=tensorboard", "callbacks=none", "scheduler=exponential"],
+        ["scheduler=iwae", "scheduler.budget=0.01", "init_output_bias=false"],
     ):
         validate_train_config(train_config(*overrides))
 
@@ -336,6 +337,12 @@ def test_the_default_configs_pass(train_config: Any) -> None:
         (["scheduler=exponential", "scheduler.gamma=0"], "scheduler.gamma=0: must be a finite"),
         (["scheduler=step", "scheduler.interval=batch"], "scheduler.interval='batch': allowed"),
         (["scheduler=cosine", "scheduler.T_max=0"], "scheduler.T_max=0: must be an integer >="),
+        (["scheduler=iwae", "scheduler.budget=0"], "scheduler.budget=0: must be a finite numbe"),
+        (["scheduler=iwae", "scheduler.num_stages=0"], "scheduler.num_stages=0: must be an int"),
+        (["scheduler=iwae", "scheduler.base=0.5"], "scheduler.base=0.5: must be a finite numb"),
+        (["scheduler=iwae", "scheduler.decay_per_stage=2"], "scheduler.decay_per_stage=2: must"),
+        (["scheduler=iwae", "scheduler.interval=step"], "scheduler.interval='step': scheduler"),
+        (["init_output_bias=yes"], "init_output_bias='yes': must be true or false"),
         (["+callbacks.image_grids.scale=x"], "callbacks.image_grids.scale='x': must be an integer"),
         (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5]: must be two numbers in"),
         (["data.seed=1.5"], "data.seed=1.5: must be an integer"),
