@@ -158,14 +158,47 @@ def _kl_diag_full(q: Distribution, p: Distribution) -> Tensor:
 # ---------------------------------------------------------------- full covariance posteriors
 
 
+class _FullStandardKL(torch.autograd.Function):
+    """``½ (‖L‖²_F + ‖μ‖² − d) − Σ_i log L_ii`` with a hand-written backward.
+
+    ``L`` is ``(batch, d, d)``: autograd would allocate three ``(batch, d, d)`` tensors in the
+    backward (the Frobenius term's gradient, the log-diagonal's scattered into zeros, their sum);
+    here the forward is a fused norm and the backward one, ``∂/∂L = g L`` with ``g / L_ii``
+    subtracted on its diagonal in place. Once differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loc: Tensor, scale_tril: Tensor) -> Tensor:
+        ctx.save_for_backward(loc, scale_tril)
+        diagonal = scale_tril.diagonal(dim1=-2, dim2=-1)
+        frobenius = torch.linalg.vector_norm(scale_tril, dim=(-2, -1)).square()
+        squares = frobenius + torch.linalg.vector_norm(loc, dim=-1).square()
+        return 0.5 * (squares - loc.shape[-1]) - diagonal.log().sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        loc, scale_tril = ctx.saved_tensors
+        grad_loc = grad.unsqueeze(-1) * loc if ctx.needs_input_grad[0] else None
+        grad_tril = None
+        if ctx.needs_input_grad[1]:
+            grad_tril = scale_tril * grad[..., None, None]
+            diagonal = scale_tril.diagonal(dim1=-2, dim2=-1)
+            grad_tril.diagonal(dim1=-2, dim2=-1).sub_(grad.unsqueeze(-1) / diagonal)
+        return grad_loc, grad_tril
+
+
 @_register("full", "standard")
 def _kl_full_standard(q: Distribution, p: Distribution) -> Tensor:
     assert isinstance(q, MultivariateNormal)
     scale_tril = q.scale_tril
-    dim = scale_tril.shape[-1]
-    frobenius = scale_tril.square().sum((-2, -1))
-    log_det = scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return 0.5 * (frobenius + q.loc.square().sum(-1) - dim) - log_det
+    loc = q.loc
+    if loc.shape[:-1] != scale_tril.shape[:-2]:
+        batch = torch.broadcast_shapes(loc.shape[:-1], scale_tril.shape[:-2])
+        loc = loc.expand(*batch, loc.shape[-1])
+        scale_tril = scale_tril.expand(*batch, *scale_tril.shape[-2:])
+    kl: Tensor = _FullStandardKL.apply(loc, scale_tril)
+    return kl
 
 
 @_register("full", "diag")
