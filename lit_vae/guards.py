@@ -25,6 +25,7 @@ from lit_vae.validation import NAN_POLICIES
 __all__ = [
     "NAN_POLICIES",
     "NonFiniteLossError",
+    "all_finite",
     "check_nan_policy",
     "describe_non_finite",
     "non_finite_names",
@@ -38,17 +39,40 @@ def check_nan_policy(value: object) -> str:
     return str(value)
 
 
+def all_finite(grads: Iterable[Tensor | None]) -> bool:
+    """Whether every gradient (``None`` skipped) holds only finite numbers; one host sync.
+
+    The check of every optimizer step. It is exact per entry (a norm would overflow on huge
+    finite entries) and fused: one pass over all gradients of a device with the kernel
+    :class:`torch.amp.GradScaler` uses, at scale 1, which rewrites every entry as it is.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for grad in grads:
+        if grad is not None:
+            by_device.setdefault(grad.device, []).append(grad)
+    found = []
+    for device, group in by_device.items():
+        found_inf = torch.zeros((), device=device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, found_inf, torch.ones((), device=device)
+            )
+        except (NotImplementedError, RuntimeError):  # a device or dtype without the kernel
+            found_inf = torch.stack([(~torch.isfinite(g)).any() for g in group]).any().float()
+        found.append(found_inf.cpu() if len(by_device) > 1 else found_inf)
+    return not found or not bool(torch.stack(found).any())
+
+
 def non_finite_names(named: Iterable[tuple[str, Tensor | None]]) -> list[str]:
-    """The names whose tensor holds a NaN or an infinity (``None`` tensors are skipped); one
-    host sync for all of them."""
+    """The names whose tensor holds a NaN or an infinity (``None`` tensors are skipped); exact
+    per entry, one host sync for all of them."""
     present = [(name, t.detach()) for name, t in named if t is not None]
     if not present:
         return []
-    norms = torch._foreach_norm([t.float() if not t.is_floating_point() else t for _, t in present])
-    finite = torch.isfinite(torch.stack([n.float() for n in norms]))
-    if bool(finite.all()):
-        return []
-    return [name for (name, _), ok in zip(present, finite.tolist()) if not ok]
+    flags = [torch.isfinite(t).all() for _, t in present]
+    device = flags[0].device
+    finite = torch.stack([flag.to(device) for flag in flags]).tolist()
+    return [name for (name, _), ok in zip(present, finite) if not ok]
 
 
 def _first_bad(values: Tensor) -> str:

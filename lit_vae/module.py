@@ -32,6 +32,7 @@ from torch.distributions import Distribution
 from lit_vae.diagnostics import active_units_from_moments
 from lit_vae.guards import (
     NonFiniteLossError,
+    all_finite,
     check_nan_policy,
     describe_non_finite,
     non_finite_names,
@@ -359,12 +360,13 @@ class LitVAE(pl.LightningModule):
         # averages the gradients, and sync_dist the logged values, over the processes, which
         # gives the global-batch mean however the batch was split.
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        values = per_sample.sum(0) * (world_size / shard.global_size)
+        sums = per_sample.sum(0)
+        values = sums * (world_size / shard.global_size)
         loss = values[0]
         if self._any_rank_non_finite(loss):
             self._non_finite_loss(terms, loss, batch_idx)
             return None
-        self.train_sums.add(per_sample.sum(0), shard.global_size)
+        self.train_sums.add(sums, shard.global_size)
         if self._loggers_write_this_step():
             self.log_dict(
                 {f"train/{name}_step": value for name, value in zip(EVAL_TERMS, values.detach())},
@@ -455,9 +457,10 @@ class LitVAE(pl.LightningModule):
         """
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        bad = non_finite_names((n, p.grad) for n, p in self.named_parameters())
-        if not bad:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        if all_finite(grads):
             return
+        bad = non_finite_names((n, p.grad) for n, p in self.named_parameters())
         if self.nan_policy == "skip":
             self.skipped_batches += 1
             for parameter in self.parameters():

@@ -10,7 +10,7 @@ the ELBO is a sum of many such terms. The likelihoods do it in their ``nll``; th
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -19,7 +19,12 @@ __all__ = ["at_least_float32", "full_precision"]
 
 
 def full_precision(device: torch.device) -> AbstractContextManager[None]:
-    """A region where autocast is off on ``device``: operations run in their inputs' dtype."""
+    """A region where autocast is off on ``device``: operations run in their inputs' dtype.
+
+    Outside autocast this is a no-op context, which costs nothing per step.
+    """
+    if not torch.is_autocast_enabled(device.type):
+        return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 

@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from lit_vae.data import DigitsDataModule
-from lit_vae.guards import NonFiniteLossError, check_nan_policy, describe_non_finite
+from lit_vae.guards import (
+    NonFiniteLossError,
+    all_finite,
+    check_nan_policy,
+    describe_non_finite,
+    non_finite_names,
+)
 from lit_vae.module import LitVAE
 from lit_vae.posteriors import POSTERIORS
 from lit_vae.resume import LastCheckpoint
@@ -111,6 +117,30 @@ def test_describe_non_finite_names_each_bad_term() -> None:
     assert describe_non_finite(terms) == "recon (nan in 2 of 4 samples), kl (inf in 1 of 4 samples)"
     assert describe_non_finite({"kl": torch.tensor([-math.inf])}) == "kl (-inf in 1 of 1 samples)"
     assert describe_non_finite({"recon": torch.zeros(3)}) == ""
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_all_finite_and_non_finite_names_find_one_bad_entry(bad: float) -> None:
+    grads = {"weight": torch.ones(3, 4), "bias": torch.zeros(4), "unused": None}
+    assert all_finite(grads.values())
+    assert non_finite_names(grads.items()) == []
+    tensor = grads["weight"]
+    assert tensor is not None
+    tensor[2, 1] = bad
+    assert not all_finite(grads.values())
+    assert non_finite_names(grads.items()) == ["weight"]
+
+
+def test_all_finite_is_exact_per_entry_and_leaves_values_as_they_are() -> None:
+    assert all_finite([])
+    assert all_finite([None])
+    # finite entries whose squares overflow float32: a norm-based check would call them infinite
+    huge = torch.tensor([3e38, -3e38, 1e20])
+    half = torch.tensor([6e4, -6e4], dtype=torch.float16)
+    assert all_finite([huge, half, torch.ones(2, dtype=torch.float64)])
+    assert torch.equal(huge, torch.tensor([3e38, -3e38, 1e20]))
+    assert torch.equal(half, torch.tensor([6e4, -6e4], dtype=torch.float16))
+    assert non_finite_names([("huge", huge), ("half", half)]) == []
 
 
 # ---------------------------------------------------------------------------- nan_policy=raise
