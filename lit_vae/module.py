@@ -354,22 +354,23 @@ class LitVAE(pl.LightningModule):
         x = batch[0]
         shard = self._shard("train", batch_idx, x.shape[0])
         terms = self.elbo_terms(x, self._noise_key("train", batch_idx, shard))
-        recon, kl = terms.recon, terms.penalty.kl
-        per_sample = torch.stack([terms.loss, recon, kl, -(recon + kl)], -1)
         # This process's part of the global-batch mean, times the number of processes: DDP
         # averages the gradients, and sync_dist the logged values, over the processes, which
         # gives the global-batch mean however the batch was split.
         world_size = self.trainer.world_size if self._trainer is not None else 1
-        sums = per_sample.sum(0)
-        values = sums * (world_size / shard.global_size)
-        loss = values[0]
+        scale = world_size / shard.global_size
+        loss = terms.loss.sum() * scale
         if self._any_rank_non_finite(loss):
             self._non_finite_loss(terms, loss, batch_idx)
             return None
+        # the logged terms stay out of the autograd graph
+        recon, kl = terms.recon.detach(), terms.penalty.kl.detach()
+        sums = torch.stack([terms.loss.detach(), recon, kl, -(recon + kl)], -1).sum(0)
+        values = sums * scale
         self.train_sums.add(sums, shard.global_size)
         if self._loggers_write_this_step():
             self.log_dict(
-                {f"train/{name}_step": value for name, value in zip(EVAL_TERMS, values.detach())},
+                {f"train/{name}_step": value for name, value in zip(EVAL_TERMS, values)},
                 sync_dist=True,
                 batch_size=shard.global_size,
             )
