@@ -217,8 +217,10 @@ class LastCheckpoint(pl.Callback):
     It is written every ``every_n_train_steps`` optimizer steps (if set), at the end of every
     training epoch, and on each of ``signals`` received while training: the checkpoint is saved
     at the end of the running training batch (or of the epoch, if the signal came during
-    validation) and the run stops with :class:`PreemptedError`. Under DDP every rank stops at the
-    same batch. ``SIGUSR1`` is left to Lightning's SLURM auto-requeue where that is active.
+    validation) and the run stops with :class:`PreemptedError` once that batch's (or epoch's)
+    metrics are logged, before any further training or validation. Under DDP every rank stops
+    at the same batch. ``SIGUSR1`` is left to Lightning's SLURM auto-requeue where that is
+    active.
 
     Args:
         dirpath: the directory of ``last.ckpt`` (``<run dir>/checkpoints``).
@@ -244,6 +246,7 @@ class LastCheckpoint(pl.Callback):
             raise ValueError(f"{key}.signals={signals!r}: allowed: a list of {', '.join(_SIGNALS)}")
         self.signals = [getattr(signal, name) for name in signals]
         self._received: int | None = None
+        self._stop_pending = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -280,10 +283,12 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._received = None
+        self._stop_pending = False
         self._install()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
+        self._stop_if_saved(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -305,14 +310,32 @@ class LastCheckpoint(pl.Callback):
             return  # the epoch-end save follows; a save here would resume past the epoch's end
         if self._stop_requested(trainer):
             self._save(trainer)
-            self._stop(trainer)
+            self._stop_pending = True  # stops once Lightning has logged this batch's metrics
+            return
         n = self.every_n_train_steps
         if n is not None and trainer.global_step % n == 0:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
-        if self._stop_requested(trainer):
+        # stops once the module's epoch-end metrics are logged (they come after this hook)
+        self._stop_pending = self._stop_requested(trainer)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._stop_if_saved(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_saved(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_saved(trainer)
+
+    def _stop_if_saved(self, trainer: pl.Trainer) -> None:
+        """Stop, if a signal's checkpoint was saved at the previous batch or epoch end."""
+        if self._stop_pending:
+            self._stop_pending = False
             self._stop(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:

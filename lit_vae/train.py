@@ -65,6 +65,15 @@ def _load_data(datamodule: pl.LightningDataModule) -> None:
         split("train")
 
 
+def _continue_logs(loggers: list[Any], global_step: int) -> None:
+    """Loggers that keep their files across a resume keep what was logged before
+    ``global_step`` (:meth:`lit_vae.csv_logger.CSVLogger.continue_from`)."""
+    for logger in loggers:
+        continue_from = getattr(logger, "continue_from", None)
+        if callable(continue_from):
+            continue_from(global_step)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate, fit (resuming from ``ckpt_path``; a requeued SLURM job resumes from its
     ``last.ckpt``), then test the best checkpoint; write ``results.json``; return the metrics."""
@@ -72,8 +81,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _checkpoint_dir(cfg, output_dir))
     ckpt_path = ckpt_path or resume_path(None, output_dir)
+    resume_step = None
     if ckpt_path is not None:
-        load_checkpoint(ckpt_path, mmap=True)  # refuses a checkpoint that needs pickle
+        # refuses a checkpoint that needs pickle; its step is where the logs continue
+        resume_step = int(load_checkpoint(ckpt_path, mmap=True).get("global_step", 0))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("seed %d", cfg.seed)
 
@@ -86,6 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = build_callbacks(cfg.get("callbacks"))
     with config_errors("logger"):
         loggers = build_loggers(cfg.get("logger"))
+    if resume_step is not None:
+        _continue_logs(loggers, resume_step)
     describe_run(loggers, cfg)
     with config_errors("trainer"):
         trainer = build_trainer(cfg.trainer, callbacks, loggers)

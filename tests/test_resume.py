@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import signal
@@ -49,6 +50,23 @@ def assert_same_results(run_dir: Path, reference: Path) -> None:
     assert "val/elbo" in got
     for key, value in expected.items():
         assert abs(got[key] - value) <= 1e-6, (key, got[key], value)
+
+
+def assert_same_metrics_csv(run_dir: Path, reference: Path) -> None:
+    """The resumed run's ``metrics.csv`` holds the rows of an uninterrupted run's, in order:
+    those logged before the interruption kept, those after it logged once."""
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        with (path / "metrics.csv").open(newline="") as file:
+            return list(csv.DictReader(file))
+
+    got, expected = rows(run_dir), rows(reference)
+    assert [(r["step"], r["epoch"]) for r in got] == [(r["step"], r["epoch"]) for r in expected]
+    for got_row, expected_row in zip(got, expected):
+        assert {k for k, v in got_row.items() if v} == {k for k, v in expected_row.items() if v}
+        for key, value in expected_row.items():
+            if value:
+                assert abs(float(got_row[key]) - float(value)) <= 1e-6, (key, got_row, value)
 
 
 def assert_same_weights(run_dir: Path, reference: Path) -> None:
@@ -113,6 +131,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(
     )
     assert_same_results(run_dir, uninterrupted)
     assert_same_weights(run_dir, uninterrupted)
+    assert_same_metrics_csv(run_dir, uninterrupted)
 
 
 @pytest.mark.slow
@@ -153,6 +172,7 @@ def test_preemption_signal_saves_exits_and_resumes(
     assert resumed.returncode == 0, resumed.stderr
     assert_same_results(run_dir, uninterrupted)
     assert_same_weights(run_dir, uninterrupted)
+    assert_same_metrics_csv(run_dir, uninterrupted)
 
 
 @pytest.mark.slow
