@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lit_vae.data import DATAMODULES
 from lit_vae.distributed import use_hydra_job_launcher
 from lit_vae.module import LitVAE
+from lit_vae.resume import LastCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,12 @@ def _instantiate_each(group: DictConfig | None, kind: str) -> list[Any]:
 
 
 def build_callbacks(config: DictConfig | None) -> list[pl.Callback]:
-    """``cfg.callbacks``: a mapping of name → ``{_target_: ..., ...}``; ``null`` entries skipped."""
-    return _instantiate_each(config, "callbacks")
+    """``cfg.callbacks``: a mapping of name → ``{_target_: ..., ...}``; ``null`` entries skipped.
+
+    ``LastCheckpoint`` goes last, after the ``ModelCheckpoint`` callbacks, so the state it saves
+    includes theirs (:class:`~lit_vae.resume.LastCheckpoint`)."""
+    callbacks = _instantiate_each(config, "callbacks")
+    return sorted(callbacks, key=lambda callback: isinstance(callback, LastCheckpoint))
 
 
 def build_loggers(config: DictConfig | None) -> list[Any]:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_vae.errors import NonFiniteLossError, PreemptedError
@@ -211,7 +213,7 @@ def _positive_int_or_none(key: str, value: object) -> int | None:
 _SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps ``<dirpath>/last.ckpt`` current, for crash-safe resumption.
 
     It is written every ``every_n_train_steps`` optimizer steps (if set), at the end of every
@@ -221,6 +223,11 @@ class LastCheckpoint(pl.Callback):
     metrics are logged, before any further training or validation. Under DDP every rank stops
     at the same batch. ``SIGUSR1`` is left to Lightning's SLURM auto-requeue where that is
     active.
+
+    It is a :class:`~pytorch_lightning.callbacks.Checkpoint`, so Lightning runs it after the
+    other callbacks, and after the checkpoint callbacks listed before it (lit-vae's
+    ``build_callbacks`` lists it last): the state it saves at an epoch's end then includes the
+    ``ModelCheckpoint`` saves of that epoch, and a resumed run knows its best checkpoint file.
 
     Args:
         dirpath: the directory of ``last.ckpt`` (``<run dir>/checkpoints``).
@@ -280,6 +287,15 @@ class LastCheckpoint(pl.Callback):
         return bool(trainer.strategy.reduce_boolean_decision(requested, all=False))
 
     # ---------------------------------------------------------------- hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        callbacks: list[pl.Callback] = getattr(trainer, "callbacks", [])
+        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
+        if any(isinstance(c, Checkpoint) and not isinstance(c, LastCheckpoint) for c in later):
+            rank_zero_warn(
+                "LastCheckpoint comes before a checkpoint callback: the state it saves at an "
+                "epoch's end misses that callback's save of the epoch; list it last"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._received = None

@@ -62,6 +62,9 @@ def trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> pl.Trainer:
         "default_root_dir": str(tmp_path),
         "deterministic": True,
     }
+    # a LastCheckpoint is a checkpoint callback: checkpointing must be on for it
+    checkpoints = [c for c in kwargs.get("callbacks", []) if isinstance(c, pl.callbacks.Checkpoint)]
+    options["enable_checkpointing"] = bool(checkpoints)
     return pl.Trainer(**{**options, **kwargs})
 
 

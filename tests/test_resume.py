@@ -69,6 +69,13 @@ def assert_same_metrics_csv(run_dir: Path, reference: Path) -> None:
                 assert abs(float(got_row[key]) - float(value)) <= 1e-6, (key, got_row, value)
 
 
+def assert_same_checkpoint_files(run_dir: Path, reference: Path) -> None:
+    """The resumed run's best checkpoint is the uninterrupted run's, and no earlier one is left
+    behind: the checkpoint callbacks' state in ``last.ckpt`` was current when it was saved."""
+    names = [sorted(p.name for p in (d / "checkpoints").iterdir()) for d in (run_dir, reference)]
+    assert names[0] == names[1]
+
+
 def assert_same_weights(run_dir: Path, reference: Path) -> None:
     got = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     expected = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
@@ -116,7 +123,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(
     uninterrupted: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    process, _ = paused_run(run_dir, step=STEPS_PER_EPOCH + 8)  # epoch 1, 8 batches in
+    process, _ = paused_run(run_dir, step=STEPS_PER_EPOCH + 9)  # epoch 1, 9 batches in
     # the latest last.ckpt is the mid-epoch one of step 18: 8 of epoch 1's batches trained
     assert train_position(run_dir / "checkpoints" / "last.ckpt") == (18, 1, 8)
     process.send_signal(signal.SIGKILL)
@@ -132,14 +139,15 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_result(
     assert_same_results(run_dir, uninterrupted)
     assert_same_weights(run_dir, uninterrupted)
     assert_same_metrics_csv(run_dir, uninterrupted)
+    assert_same_checkpoint_files(run_dir, uninterrupted)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "step", "saved_at", "position"),
     [
-        # mid-epoch: saved at the end of the next training batch
-        (signal.SIGTERM, 4, 5, (5, 0, 5)),
+        # mid-epoch: saved at the end of the training batch the signal arrived in
+        (signal.SIGTERM, 4, 4, (4, 0, 4)),
         # during the epoch's last batch: saved at the end of the epoch, after validation
         (signal.SIGUSR1, STEPS_PER_EPOCH, STEPS_PER_EPOCH, (10, 0, 10)),
     ],
@@ -173,6 +181,7 @@ def test_preemption_signal_saves_exits_and_resumes(
     assert_same_results(run_dir, uninterrupted)
     assert_same_weights(run_dir, uninterrupted)
     assert_same_metrics_csv(run_dir, uninterrupted)
+    assert_same_checkpoint_files(run_dir, uninterrupted)
 
 
 @pytest.mark.slow
