@@ -14,6 +14,7 @@ Lightning's does.
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 from typing import Any
 
 from lightning_fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
@@ -70,8 +71,21 @@ class CSVLogger(csv_logs.CSVLogger):
     """:class:`pytorch_lightning.loggers.CSVLogger` whose ``metrics.csv`` continues across a
     resume (:meth:`continue_from`); same arguments."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        save_dir: str | Path,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(
+            save_dir,
+            name=name,
+            version=version,
+            prefix=prefix,
+            flush_logs_every_n_steps=flush_logs_every_n_steps,
+        )
         self._keep_before_step: int | None = None
 
     def continue_from(self, global_step: int) -> None:

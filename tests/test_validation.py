@@ -97,6 +97,11 @@ BAD_CONFIGS = [
         ["data: MNIST directory", "they are in", "set data.root=", "/mnist"],
         id="mnist_root_one_level_up",
     ),
+    pytest.param(
+        ["+logger.csv.flush_every=10"],
+        ["logger.csv.flush_every=10", "not an option", "flush_logs_every_n_steps, name"],
+        id="csv_logger_unknown_option",
+    ),
     pytest.param(["optimizer.lr=abc"], ["optimizer.lr='abc'", "finite number > 0"], id="lr_text"),
     pytest.param(["optimizer.lr=0"], ["optimizer.lr=0", "finite number > 0"], id="lr_zero"),
     pytest.param(
