@@ -1,4 +1,4 @@
-"""Shared helpers for tests that compose configs and run the entry points."""
+"""Shared helpers for tests that compose configs, build trainers and run the entry points."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +29,20 @@ TINY = (
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 )
+
+
+def quiet_trainer(**options: Any) -> pl.Trainer:
+    """A one-process CPU ``Trainer`` with no logger, checkpoints, progress bar or model summary;
+    ``options`` add to or override these."""
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **options})
 
 
 def find_mnist() -> Path | None:

@@ -35,6 +35,7 @@ from lit_vae.data import (
     collate_as_is,
     read_idx,
 )
+from tests.helpers import quiet_trainer
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "lit_vae" / "conf" / "data"
 
@@ -82,18 +83,6 @@ def fake_trainer(epoch: int, batch_idx: int, rank: int = 0, training: bool = Tru
         global_rank=rank,
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=batch_idx - 1)),
     )
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**{**options, **kwargs})
 
 
 class Recorder(pl.LightningModule):

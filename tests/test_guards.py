@@ -25,6 +25,7 @@ from lit_vae.guards import (
 from lit_vae.module import LitVAE
 from lit_vae.posteriors import POSTERIORS
 from lit_vae.resume import LastCheckpoint
+from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(Path(sys.executable).with_name("lit-vae-train"))
@@ -49,23 +50,17 @@ def digits() -> DigitsDataModule:
 
 
 def trainer(tmp_path: Path, max_steps: int, **kwargs: Any) -> pl.Trainer:
+    # a LastCheckpoint is a checkpoint callback: checkpointing must be on for it
+    checkpoints = [c for c in kwargs.get("callbacks", []) if isinstance(c, pl.callbacks.Checkpoint)]
     options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "devices": 1,
         "max_steps": max_steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
+        "enable_checkpointing": bool(checkpoints),
         "num_sanity_val_steps": 0,
         "limit_val_batches": 0,
         "default_root_dir": str(tmp_path),
         "deterministic": True,
     }
-    # a LastCheckpoint is a checkpoint callback: checkpointing must be on for it
-    checkpoints = [c for c in kwargs.get("callbacks", []) if isinstance(c, pl.callbacks.Checkpoint)]
-    options["enable_checkpointing"] = bool(checkpoints)
-    return pl.Trainer(**{**options, **kwargs})
+    return quiet_trainer(**{**options, **kwargs})
 
 
 def poison_encoder_at(model: LitVAE, steps: set[int], value: float = math.nan) -> None:

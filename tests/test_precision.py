@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -15,6 +14,7 @@ from lit_vae.module import ElboTerms, LitVAE
 from lit_vae.noise import NoiseKey, keyed_rsample
 from lit_vae.precision import at_least_float32, full_precision
 from lit_vae.sharding import BatchShard
+from tests.helpers import quiet_trainer
 
 HEADS = ["log_var", "cholesky", "low_rank"]
 PRIORS = [{"name": "standard_normal"}, {"name": "mixture", "num_components": 3}]
@@ -127,16 +127,11 @@ def test_bf16_mixed_trainer_keeps_the_kl_in_float32(tmp_path: Any) -> None:
         posterior={"name": "cholesky"},
     )
     data = TensorDataModule(train=_x(64), val=_x(16), batch_size=16)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         precision="bf16-mixed",
         max_epochs=1,
         limit_train_batches=2,
         limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, datamodule=data)

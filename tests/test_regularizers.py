@@ -20,6 +20,7 @@ from lit_vae.regularizers import (
     KLRegularizer,
     minibatch_weighted_terms,
 )
+from tests.helpers import quiet_trainer
 
 
 def _standard(d: int, dtype: torch.dtype = torch.float64) -> DiagonalNormal:
@@ -228,18 +229,8 @@ def _data(n: int = 96, side: int = 4) -> TensorDataModule:
 
 
 def _trainer(tmp_path: Path, **options: object) -> pl.Trainer:
-    defaults: dict = {
-        "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(options)
-    return pl.Trainer(**defaults)
+    defaults: dict = {"default_root_dir": tmp_path, "max_epochs": 1, "num_sanity_val_steps": 0}
+    return quiet_trainer(**{**defaults, **options})
 
 
 def _small_model(**options: object) -> LitVAE:

@@ -16,6 +16,7 @@ from lit_vae.data import TensorDataModule
 from lit_vae.metrics import EpochSums
 from lit_vae.module import LitVAE
 from lit_vae.optim import build_optimizer
+from tests.helpers import quiet_trainer
 
 
 def test_epoch_sums_mean_over_samples_of_the_global_batches() -> None:
@@ -61,14 +62,11 @@ def test_train_logs_epoch_means_and_steps_every_n(tmp_path: Path) -> None:
     model = LitVAE((16,), 2, encoder={"name": "mlp", "hidden_sizes": [8]}, init_output_bias=False)
     record = _BatchLosses()
     logger = CSVLogger(tmp_path, name="", version="")
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
         log_every_n_steps=2,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         logger=logger,
         callbacks=[record],
     )
