@@ -54,8 +54,9 @@ class PerSampleMean(Metric):
 class EpochSums:
     """Per-epoch sums of per-sample training values, on the values' device.
 
-    :meth:`add` costs one in-place addition and never syncs, so a training step pays nothing for
-    its epoch metrics; :meth:`means` reduces the sums across processes once, at the epoch's end.
+    :meth:`add` costs one addition on the device and never syncs, so a training step pays
+    almost nothing for its epoch metrics; :meth:`means` reduces the sums across processes once,
+    at the epoch's end.
     ``count`` is the number of samples of the *global* batches, so the means are over every
     sample of the epoch however the batches were split between processes.
     """

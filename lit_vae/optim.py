@@ -9,6 +9,7 @@ Besides torch's schedulers, ``iwae`` is the staged schedule of Burda et al. (201
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -126,7 +127,7 @@ class IWAEStagesLR(torch.optim.lr_scheduler.LambdaLR):
         if not _finite_number(decay_per_stage) or not 0 < decay_per_stage <= 1:
             raise _fail("decay_per_stage", decay_per_stage, "must be a number in (0, 1]")
         self.stage_epochs = iwae_stage_epochs(num_stages, base, budget)
-        stage_ends = [sum(self.stage_epochs[: i + 1]) for i in range(num_stages)]
+        stage_ends = list(itertools.accumulate(self.stage_epochs))
         super().__init__(optimizer, _StageFactor(stage_ends, decay_per_stage), last_epoch)
 
     required_interval = "epoch"
@@ -149,15 +150,14 @@ def _fused_by_default(options: dict[str, Any], parameters: list[nn.Parameter]) -
     torch's default on the CPU is a Python loop over the parameters, slower for the many small
     tensors of a VAE.
     """
-    if options.get("name") not in ("adam", "adamw") or options.get("foreach") is not None:
-        options.setdefault("fused", None)
-        if options["fused"] is None:
-            del options["fused"]
+    if options.get("fused") is not None:
         return
-    if options.get("fused") is None:
-        options["fused"] = bool(parameters) and all(
-            p.is_floating_point() and p.device.type in FUSED_DEVICES for p in parameters
-        )
+    if options.get("name") not in ("adam", "adamw") or options.get("foreach") is not None:
+        options.pop("fused", None)  # torch's own choice
+        return
+    options["fused"] = bool(parameters) and all(
+        p.is_floating_point() and p.device.type in FUSED_DEVICES for p in parameters
+    )
 
 
 def build_optimizer(
